@@ -1,0 +1,458 @@
+"""The "tiled" engine: the FlashAttention algorithm written in plain PyTorch.
+
+Attention is computed one (query block, key block) tile at a time and the (Lq, Lk) score matrix
+never exists. Each query block walks its key blocks keeping, per query row, a running maximum
+``m``, a running sum ``l`` of ``exp(s - m)`` and a running output ``acc`` (the online softmax of
+FlashAttention, Dao et al. 2022, https://arxiv.org/abs/2205.14135, in the loop order of
+FlashAttention-2, Dao 2023, https://arxiv.org/abs/2307.08691)::
+
+    for each query block Q_i:                          m = -inf, l = 0, acc = 0
+        for each key block K_j, V_j the masks leave visible:
+            S    = scale * Q_i K_j^T  (+ mask)         (bq, bk): the only tile in memory
+            m'   = max(m, rowmax(S))
+            P    = exp(S - m')
+            l    = exp(m - m') * l   + rowsum(P)
+            acc  = exp(m - m') * acc + P V_j           (dropout: P -> P * keep / (1 - p))
+            m    = m'
+        O_i = acc / l,   lse_i = m + log(l)
+
+The backward pass (FlashAttention-2) saves only q, k, v, O and lse, and recomputes each tile:
+``P = exp(S - lse)``, ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - D)`` with
+``D = rowsum(dO * O)``, ``dQ += scale * dS K``, ``dK += scale * dS^T Q``. Extra memory is
+O((Lq + Lk) * E) plus a few (bq, bk) tiles, in both directions.
+
+Where the speed comes from: with ``is_causal`` (and ``window``), a tile the mask rules out entirely
+is skipped (`selfattn.masks.block_is_empty`), and a tile the mask keeps entirely is computed with
+no mask at all (`selfattn.masks.block_is_full`); only tiles on the mask's edge are masked. Causal
+attention thus does about half the work, and a sliding window of W keys about (W + bk) / Lk of it.
+
+Alignment: ``is_causal`` is bottom-right (query i sees keys j <= i + Lk - Lq), as in all of
+selfattn. Rows that see no key (Lq > Lk causal, or a fully masked row) return zeros, lse = -inf
+and zero gradient.
+
+Dropout: a seed is drawn once per call from the default generator (so `torch.manual_seed` makes
+a call reproducible); each tile's keep-mask comes from a generator seeded with (seed, tile), so
+the backward pass regenerates exactly the forward's masks. The masks depend on the block sizes.
+
+Shapes: B batch, Hq query heads, Hkv key/value heads, G = Hq / Hkv queries per key head,
+Lq queries, Lk keys, E head dim, Ev value head dim, bq / bk block sizes. Inside, the B * Hkv
+pairs form one batch dim N, and a query block's G * bq rows are stacked so one batched matmul
+serves a whole group (grouped-query attention without repeating k or v): R = G * bq.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from selfattn.engines import AttentionRequest, Engine, EngineOutput, register
+from selfattn.masks import block_is_empty, block_is_full
+
+# Chosen by timing on a 2-core AMD EPYC (fp32, E=64): see benchmarks/engines.py.
+BLOCK_Q = 256
+BLOCK_K = 512
+
+_NEG_INF = float("-inf")
+
+
+def tiled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[Tensor, Tensor]:
+    """Blockwise scaled dot-product attention (FlashAttention in PyTorch); returns (out, lse).
+
+    Args:
+        q: (B, Hq, Lq, E).
+        k: (B, Hkv, Lk, E), Hq a multiple of Hkv (query head h uses key head h // (Hq / Hkv)).
+        v: (B, Hkv, Lk, Ev).
+        attn_mask: None, bool (True = may attend) or float (added to the scores), broadcastable
+            to (B, Hq, Lq, Lk). A float mask that requires grad gets its gradient.
+        is_causal: bottom-right causal mask, query i sees keys j <= i + Lk - Lq::
+
+                Lq = 2, Lk = 5     k0 k1 k2 k3 k4
+                              q0    1  1  1  1  0
+                              q1    1  1  1  1  1
+
+        window: with ``is_causal``, keep only the ``window`` most recent keys of each query.
+        scale: score scale; None means 1 / sqrt(E).
+        dropout_p: probability of zeroing an attention weight (kept ones are scaled by
+            1 / (1 - p)); reproducible under `torch.manual_seed`.
+        block_q, block_k: tile sizes (any positive ints; they need not divide Lq or Lk).
+
+    Returns:
+        out (B, Hq, Lq, Ev) in q's dtype, and lse (B, Hq, Lq), the log-sum-exp of each row's
+        scaled, masked scores (before dropout), float32 (float64 for float64 inputs), -inf on
+        rows with no visible key. Both are differentiable.
+    """
+    _check(q, k, v, attn_mask, is_causal, window, dropout_p, block_q, block_k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = _draw_seed() if dropout_p > 0.0 else 0
+    return _TiledAttention.apply(
+        q, k, v, attn_mask, is_causal, window, scale, dropout_p, seed, block_q, block_k
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd Function: saves q, k, v, out, lse and recomputes tiles in backward.
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, window, scale, dropout_p, seed, bq, bk):
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+        prob = _Problem.build(
+            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed
+        )
+        out, lse = _forward(prob, *_to_blocks(prob, q, k, v), bq, bk)  # (N,G,Lq,Ev), (N,G,Lq)
+        out = out.view(prob.out_shape).to(q.dtype)  # (B, Hq, Lq, Ev)
+        lse = lse.view(prob.out_shape[:-1])  # (B, Hq, Lq)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.args = (mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk = ctx.args
+        prob = _Problem.build(
+            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed
+        )
+        if dout is None:
+            dout = torch.zeros_like(out)
+        qb, kb, vb = _to_blocks(prob, q, k, v)
+        n, g, lq = qb.shape[:3]
+        dout_b = dout.reshape(n, g, lq, -1).to(prob.dtype)  # (N, G, Lq, Ev)
+        out_b = out.reshape(n, g, lq, -1).to(prob.dtype)  # (N, G, Lq, Ev)
+        lse_b = lse.reshape(n, g, lq)  # (N, G, Lq)
+        dlse_b = None if dlse is None else dlse.reshape(n, g, lq).to(prob.dtype)
+        dq, dk, dv, dmask = _backward(
+            prob, qb, kb, vb, out_b, lse_b, dout_b, dlse_b, mask_grad, bq, bk
+        )
+        dq = dq.view(q.shape).to(q.dtype)  # (B, Hq, Lq, E)
+        dk = dk.view(k.shape).to(k.dtype)  # (B, Hkv, Lk, E)
+        dv = dv.view(v.shape).to(v.dtype)  # (B, Hkv, Lk, Ev)
+        if dmask is not None:
+            dmask = dmask.view(attn_mask.shape).to(attn_mask.dtype)
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The problem, its block plan and the per-tile helpers.
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One call's sizes and options, resolved once."""
+
+    b: int
+    hkv: int
+    g: int  # query heads per key/value head
+    lq: int
+    lk: int
+    dtype: torch.dtype  # compute dtype: float64 for float64 inputs, float32 otherwise
+    out_shape: tuple[int, int, int, int]  # (B, Hq, Lq, Ev)
+    mask5: Tensor | None  # attn_mask as (1|B, 1|Hkv, 1|G, 1|Lq, 1|Lk), a view
+    is_causal: bool
+    window: int | None
+    scale: float
+    dropout_p: float
+    seed: int
+
+    @staticmethod
+    def build(q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed):
+        b, hq, lq, _ = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        g = hq // hkv
+        mask5 = None
+        if attn_mask is not None:
+            m4 = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
+            if not mask_grad:  # undo expand(): a stride-0 dim becomes size 1 and broadcasts
+                m4 = m4[tuple(slice(0, 1) if st == 0 else slice(None) for st in m4.stride())]
+            heads = (1, 1) if m4.shape[1] == 1 else (hkv, g)
+            mask5 = m4.reshape(m4.shape[0], *heads, m4.shape[2], m4.shape[3])
+            if mask5.dtype == torch.bool:
+                mask5 = ~mask5  # True = masked out, ready for masked_fill_
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return _Problem(
+            b, hkv, g, lq, lk, dtype, (b, hq, lq, v.shape[-1]), mask5,
+            is_causal, window, scale, dropout_p, seed,
+        )  # fmt: skip
+
+
+def _to_blocks(prob: _Problem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel layout, in the compute dtype (no copy for contiguous fp32/fp64 inputs)."""
+    n = prob.b * prob.hkv
+    qb = q.to(prob.dtype).reshape(n, prob.g, prob.lq, -1)  # (B, Hq, Lq, E) -> (N, G, Lq, E)
+    kb = k.to(prob.dtype).reshape(n, prob.lk, -1)  # (B, Hkv, Lk, E) -> (N, Lk, E)
+    vb = v.to(prob.dtype).reshape(n, prob.lk, -1)  # (B, Hkv, Lk, Ev) -> (N, Lk, Ev)
+    return qb, kb, vb
+
+
+def _plan(prob: _Problem, bq: int, bk: int):
+    """Yield (qi, q_start, q_end, visits) per query block; visits lists the key blocks to compute
+    as (ki, k_start, k_end, full). Blocks the causal/window mask rules out are not listed; ``full``
+    blocks need no causal mask."""
+    lq, lk, window = prob.lq, prob.lk, prob.window
+    for qi, qs in enumerate(range(0, lq, bq)):
+        qe = min(qs + bq, lq)
+        visits = []
+        for ki, ks in enumerate(range(0, lk, bk)):
+            ke = min(ks + bk, lk)
+            if prob.is_causal and block_is_empty(qs, qe, ks, ke, lq, lk, window):
+                continue  # every cell masked: skipped, never computed
+            full = not prob.is_causal or block_is_full(qs, qe, ks, ke, lq, lk, window)
+            visits.append((ki, ks, ke, full))
+        yield qi, qs, qe, visits
+
+
+def _rows(x: Tensor, qs: int, qe: int) -> Tensor:
+    """Rows [qs:qe] of every group, stacked: (N, G, Lq, *) -> (N, G * bq, *)."""
+    n, g = x.shape[:2]
+    return x[:, :, qs:qe].reshape(n, g * (qe - qs), *x.shape[3:])
+
+
+def _causal_drop(qs: int, qe: int, ks: int, ke: int, prob: _Problem, device) -> Tensor:
+    """(bq, bk) bool, True where the causal/window mask removes a cell: the complement of the
+    block [qs:qe, ks:ke] of `selfattn.masks.causal_mask(lq, lk, window=window)`, built without
+    the whole (Lq, Lk) mask."""
+    q_pos = torch.arange(qs, qe, device=device).unsqueeze(-1) + (prob.lk - prob.lq)  # (bq, 1)
+    k_pos = torch.arange(ks, ke, device=device)  # (bk,)
+    drop = k_pos > q_pos  # (bq, bk)
+    if prob.window is not None:
+        drop |= k_pos <= q_pos - prob.window
+    return drop
+
+
+def _mask_block(prob: _Problem, qs: int, qe: int, ks: int, ke: int) -> Tensor | None:
+    """The user mask's slice for one tile, (1|B, 1|Hkv, 1|G, 1|bq, 1|bk), still a view."""
+    m = prob.mask5
+    if m is None:
+        return None
+    if m.shape[3] != 1:
+        m = m[:, :, :, qs:qe]
+    if m.shape[4] != 1:
+        m = m[..., ks:ke]
+    return m
+
+
+def _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, drops) -> Tensor:
+    """Scaled, masked scores of one tile, (N, R, bk), -inf where masked."""
+    s = torch.matmul(q_blk, k_blk.transpose(1, 2))  # (N, R, E) x (N, E, bk) -> (N, R, bk)
+    bq, bk = qe - qs, ke - ks
+    user = _mask_block(prob, qs, qe, ks, ke)
+    if user is not None:
+        s5 = s.view(prob.b, prob.hkv, prob.g, bq, bk)  # (B, Hkv, G, bq, bk) view
+        if user.dtype == torch.bool:
+            s5.masked_fill_(user, _NEG_INF)
+        else:
+            s5.add_(user)
+    if not full:
+        key = (bq, bk, qs - ks)  # tiles on the same diagonal share one mask
+        if key not in drops:
+            drops[key] = _causal_drop(qs, qe, ks, ke, prob, s.device)
+        s.view(-1, prob.g, bq, bk).masked_fill_(drops[key], _NEG_INF)  # (N, G, bq, bk) view
+    return s
+
+
+def _draw_seed() -> int:
+    """One dropout seed per call, from the default generator (`torch.manual_seed` controls it)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _dropout_keep(seed: int, qi: int, ki: int, shape, keep_prob: float, device) -> Tensor:
+    """Tile (qi, ki)'s keep-mask, bool of ``shape`` (N, R, bk); the same on every call."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(((seed * 1_000_003 + qi) * 1_000_033 + ki) & (2**63 - 1))
+    return torch.rand(shape, generator=gen, device=device) < keep_prob
+
+
+def dropout_keep_mask(
+    seed: int, q_shape, k_shape, *, dropout_p: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+) -> Tensor:
+    """The dense (B, Hq, Lq, Lk) keep-mask a call with this ``seed`` uses (no causal skipping):
+    for tests and explanations only, it costs Lq x Lk memory."""
+    b, hq, lq, _ = q_shape
+    hkv, lk = k_shape[1], k_shape[2]
+    g = hq // hkv
+    keep = torch.empty(b, hkv, g, lq, lk, dtype=torch.bool)
+    for qi, qs in enumerate(range(0, lq, block_q)):
+        qe = min(qs + block_q, lq)
+        for ki, ks in enumerate(range(0, lk, block_k)):
+            ke = min(ks + block_k, lk)
+            tile = _dropout_keep(
+                seed, qi, ki, (b * hkv, g * (qe - qs), ke - ks), 1 - dropout_p, "cpu"
+            )
+            keep[:, :, :, qs:qe, ks:ke] = tile.view(b, hkv, g, qe - qs, ke - ks)
+    return keep.view(b, hq, lq, lk)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward kernels, on the (N, G, L, E) layout.
+
+
+def _forward(prob: _Problem, q, k, v, bq: int, bk: int) -> tuple[Tensor, Tensor]:
+    """q (N, G, Lq, E), k (N, Lk, E), v (N, Lk, Ev) -> out (N, G, Lq, Ev), lse (N, G, Lq)."""
+    n, g, lq, _ = q.shape
+    ev = v.shape[-1]
+    out = q.new_empty(n, g, lq, ev)
+    lse = q.new_empty(n, g, lq)
+    p_drop = prob.dropout_p
+    keep_scale = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
+    drops: dict = {}
+    for qi, qs, qe, visits in _plan(prob, bq, bk):
+        rows = g * (qe - qs)
+        q_blk = _rows(q, qs, qe) * prob.scale  # (N, R, E), scale folded into q
+        m = q.new_full((n, rows), _NEG_INF)  # running row max
+        l = q.new_zeros(n, rows)  # running sum of exp(s - m)
+        acc = q.new_zeros(n, rows, ev)  # running unnormalised output
+        for ki, ks, ke, full in visits:
+            s = _score_tile(prob, q_blk, k[:, ks:ke], qs, qe, ks, ke, full, drops)  # (N, R, bk)
+            m_new = torch.maximum(m, s.amax(dim=-1))  # (N, R)
+            # A row with nothing visible yet has m_new = -inf: shift it by 0, not by -inf, so
+            # that exp(-inf - (-inf)) = NaN never happens (its p stays exactly 0).
+            shift = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # (N, R)
+            alpha = torch.exp(m - shift)  # (N, R), rescales what was accumulated so far
+            p = s.sub_(shift.unsqueeze(-1)).exp_()  # (N, R, bk), in place over s
+            l.mul_(alpha).add_(p.sum(dim=-1))
+            if p_drop > 0.0:
+                keep = _dropout_keep(prob.seed, qi, ki, p.shape, 1.0 - p_drop, p.device)
+                p.mul_(keep).mul_(keep_scale)  # the normaliser l saw the weights before dropout
+            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, v[:, ks:ke])  # += (N,R,bk) x (N,bk,Ev)
+            m = m_new
+        # Rows that saw no key: l = 0 and acc = 0, so out = 0 and lse = -inf + log 0 = -inf.
+        out_blk = acc / l.masked_fill(l == 0.0, 1.0).unsqueeze(-1)  # (N, R, Ev)
+        out[:, :, qs:qe] = out_blk.view(n, g, qe - qs, ev)
+        lse[:, :, qs:qe] = (m + l.log()).view(n, g, qe - qs)
+    return out, lse
+
+
+def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq: int, bk: int):
+    """FlashAttention-2 backward on the kernel layout: returns dq, dk, dv, dmask (or None)."""
+    n, g = q.shape[:2]
+    # D = rowsum(dO * O) = sum_j P_ij dP_ij; a gradient on lse adds P_ij * dlse_i to dS_ij.
+    d = (dout * out).sum(dim=-1)  # (N, G, Lq)
+    if dlse is not None:
+        d = d - dlse
+    lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # dead rows: p = exp(s - inf) = 0
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dmask5 = q.new_zeros(prob.mask5.shape) if mask_grad else None
+    p_drop = prob.dropout_p
+    keep_scale = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
+    drops: dict = {}
+    for qi, qs, qe, visits in _plan(prob, bq, bk):
+        q_blk = _rows(q, qs, qe) * prob.scale  # (N, R, E)
+        do_blk = _rows(dout, qs, qe)  # (N, R, Ev)
+        lse_blk = _rows(lse, qs, qe).unsqueeze(-1)  # (N, R, 1)
+        d_blk = _rows(d, qs, qe).unsqueeze(-1)  # (N, R, 1)
+        dq_blk = torch.zeros_like(q_blk)  # (N, R, E)
+        for ki, ks, ke, full in visits:
+            k_blk, v_blk = k[:, ks:ke], v[:, ks:ke]  # (N, bk, E), (N, bk, Ev)
+            s = _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, drops)  # (N, R, bk)
+            p = s.sub_(lse_blk).exp_()  # (N, R, bk): the forward's weights, recomputed
+            dp = torch.matmul(do_blk, v_blk.transpose(1, 2))  # (N,R,Ev) x (N,Ev,bk) -> (N,R,bk)
+            if p_drop > 0.0:
+                keep = _dropout_keep(prob.seed, qi, ki, p.shape, 1.0 - p_drop, p.device)
+                p_kept = p * keep * keep_scale  # (N, R, bk), what multiplied V in forward
+                dp.mul_(keep).mul_(keep_scale)  # gradient reaching the weights before dropout
+            else:
+                p_kept = p
+            dv[:, ks:ke].baddbmm_(p_kept.transpose(1, 2), do_blk)  # += (N,bk,R) x (N,R,Ev)
+            ds = dp.sub_(d_blk).mul_(p)  # dS = P * (dP - D), (N, R, bk), in place over dp
+            dq_blk.baddbmm_(ds, k_blk)  # += (N, R, bk) x (N, bk, E)
+            dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), q_blk)  # += (N, bk, R) x (N, R, E)
+            if dmask5 is not None:  # d(loss)/d(mask) = dS, summed over the mask's broadcast dims
+                ds5 = ds.view(prob.b, prob.hkv, g, qe - qs, ke - ks)
+                dims = [i for i in range(5) if dmask5.shape[i] == 1 and ds5.shape[i] != 1]
+                ds5 = ds5.sum(dim=dims, keepdim=True) if dims else ds5
+                qsl = slice(qs, qe) if dmask5.shape[3] != 1 else slice(None)
+                ksl = slice(ks, ke) if dmask5.shape[4] != 1 else slice(None)
+                dmask5[:, :, :, qsl, ksl] += ds5
+        dq[:, :, qs:qe] = dq_blk.mul_(prob.scale).view(n, g, qe - qs, -1)
+    return dq, dk, dv, dmask5
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and the engine adapter.
+
+
+def _check(q, k, v, attn_mask, is_causal, window, dropout_p, block_q, block_k) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (B, H, L, E), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    b, hq, lq, e = q.shape
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"k (B, Hkv, Lk, E) and v (B, Hkv, Lk, Ev) must agree with q (B, Hq, Lq, E): "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[3] != e or hq % k.shape[1] != 0:
+        raise ValueError(
+            f"k must have E={e} and Hkv dividing Hq={hq}: got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if attn_mask is not None:
+        full = (b, hq, lq, k.shape[2])
+        try:
+            ok = attn_mask.ndim <= 4 and torch.broadcast_shapes(attn_mask.shape, full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Lq, Lk)={full}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+    if window is not None and (not is_causal or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int used with is_causal, got {window!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q} block_k={block_k}")
+
+
+def tiled_attention_engine(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest):
+    """Engine adapter: `tiled_attention` with the request's options and default block sizes."""
+    out, lse = tiled_attention(
+        q,
+        k,
+        v,
+        attn_mask=request.attn_mask,
+        is_causal=request.is_causal,
+        window=request.window,
+        scale=request.scale,
+        dropout_p=request.dropout_p,
+    )
+    return EngineOutput(output=out, lse=lse if request.need_lse else None)
+
+
+def _unsupported(request: AttentionRequest) -> str | None:
+    if request.need_weights:
+        return "tiled never materialises the (Lq, Lk) attention weights (use backend='naive')"
+    return None
+
+
+register(
+    Engine(
+        name="tiled",
+        fn=tiled_attention_engine,
+        unsupported=_unsupported,
+        summary="FlashAttention in plain torch: online softmax over tiles, skips masked blocks",
+    )
+)

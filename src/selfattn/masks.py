@@ -1,0 +1,101 @@
+"""Masks, all boolean with True = "this query may attend to this key".
+
+Causal alignment
+----------------
+selfattn aligns the causal mask to the **bottom-right** corner: query ``i`` (of ``Lq``) may see
+keys ``j <= i + (Lk - Lq)``. The last query always sees the last key, which is what decoding with a
+KV cache needs: the new tokens are the *last* ``Lq`` of ``Lk`` positions.
+
+Lq = 2, Lk = 5 (two new tokens after three cached ones)::
+
+    bottom-right (selfattn)     top-left (SDPA's is_causal when Lq != Lk)
+       k0 k1 k2 k3 k4              k0 k1 k2 k3 k4
+    q0  1  1  1  1  0           q0  1  0  0  0  0
+    q1  1  1  1  1  1           q1  1  1  0  0  0
+
+With Lq > Lk the first ``Lq - Lk`` queries see no key at all: their rows are "dead" and every
+engine returns zeros there (and passes zero gradient).
+
+Sliding window
+--------------
+``window=W`` (always together with causal) keeps the ``W`` most recent keys of each query, itself
+included: ``i + off - W < j <= i + off`` with ``off = Lk - Lq``. Lq = Lk = 5, W = 2::
+
+       k0 k1 k2 k3 k4
+    q0  1  0  0  0  0
+    q1  1  1  0  0  0
+    q2  0  1  1  0  0
+    q3  0  0  1  1  0
+    q4  0  0  0  1  1
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def causal_mask(
+    lq: int, lk: int, *, window: int | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """Bottom-right causal mask (Lq, Lk), optionally limited to a sliding window of W keys."""
+    q_pos = torch.arange(lq, device=device).unsqueeze(-1) + (lk - lq)  # (Lq, 1) absolute position
+    k_pos = torch.arange(lk, device=device).unsqueeze(0)  # (1, Lk)
+    keep = k_pos <= q_pos  # (Lq, Lk)
+    if window is not None:
+        keep &= k_pos > q_pos - window
+    return keep
+
+
+def sliding_window_mask(
+    lq: int, lk: int, window: int, *, device: torch.device | str | None = None
+) -> Tensor:
+    """Causal sliding-window mask (Lq, Lk): each query sees its ``window`` most recent keys."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    return causal_mask(lq, lk, window=window, device=device)
+
+
+def key_padding_mask(lengths: Tensor | list[int], max_len: int | None = None) -> Tensor:
+    """Mask (B, 1, 1, Lk) from per-sequence lengths: key j of batch b is kept iff j < lengths[b].
+
+    Broadcasts against scores of shape (B, H, Lq, Lk).
+    """
+    lengths = torch.as_tensor(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be integers, got {lengths.dtype}")
+    if (lengths < 0).any():
+        raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    max_len = longest if max_len is None else max_len
+    if max_len < longest:
+        raise ValueError(f"max_len={max_len} is shorter than the longest length {longest}")
+    keep = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1)  # (B, Lk)
+    return keep[:, None, None, :]
+
+
+def block_is_empty(
+    q_start: int, q_end: int, k_start: int, k_end: int, lq: int, lk: int, window: int | None
+) -> bool:
+    """True when the causal (windowed) mask rules out the whole block [q_start:q_end, k_start:k_end].
+
+    Used by block-wise engines to skip blocks instead of computing and discarding them.
+    """
+    off = lk - lq
+    # The block's latest query sees keys up to q_end - 1 + off: any later key is out for all.
+    if k_start > q_end - 1 + off:
+        return True
+    # The block's earliest query sees keys from q_start + off - window + 1 on: earlier ones are out.
+    return window is not None and k_end - 1 <= q_start + off - window
+
+
+def block_is_full(
+    q_start: int, q_end: int, k_start: int, k_end: int, lq: int, lk: int, window: int | None
+) -> bool:
+    """True when the causal (windowed) mask keeps every cell of the block: no masking needed."""
+    off = lk - lq
+    if k_end - 1 > q_start + off:
+        return False
+    return window is None or k_start > q_end - 1 + off - window

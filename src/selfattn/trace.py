@@ -1,0 +1,109 @@
+"""`trace()`: run any selfattn module once and keep every intermediate of its attention.
+
+Every renderer of `selfattn explain` (terminal, PNG, HTML, JSON) reads a `Trace`; none of them
+computes attention itself. A trace is taken by running the module's own ``forward`` under
+`selfattn.recording.recording()`, which routes attention to the naive engine so that the scores and
+weights exist.
+
+Shapes in a trace are for one sample (``sample=``) of the batch:
+    inputs          (L, d_in)
+    queries, keys   (H, L, D)      H heads, D head width (d_k)
+    values          (H, L, Dv)
+    scores          (H, L, L)      Q Kᵀ
+    scaled_scores   (H, L, L)      Q Kᵀ / sqrt(d_k)
+    mask            (H, L, L)      bool, True = may attend
+    weights         (H, L, L)      softmax rows, each sums to 1
+    context         (H, L, Dv)     weights @ V, per head
+    output          (L, d_out)     the module's output (heads merged and projected, if it does)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from selfattn.recording import PER_HEAD_STEPS, recording
+
+# The steps in the order the computation makes them, each with what it means.
+STEP_MEANINGS: dict[str, str] = {
+    "inputs": "one embedding vector per token",
+    "queries": "what each token is looking for (x W_query)",
+    "keys": "what each token offers to be matched on (x W_key)",
+    "values": "what each token passes on when attended to (x W_value)",
+    "scores": "Q Kᵀ: how well each query matches each key",
+    "scaled_scores": "scores / sqrt(d_k): keeps softmax from saturating",
+    "mask": "which keys each query may attend to (True = allowed)",
+    "weights": "softmax over each row: attention weights, each row sums to 1",
+    "context": "weights @ V: each token's weighted mix of the values",
+    "output": "the module's output (heads merged, then out_proj where the module has one)",
+}
+
+
+@dataclass
+class Trace:
+    """Every intermediate of one attention forward pass, for one sample."""
+
+    module: str
+    tokens: list[str]
+    steps: dict[str, Tensor]
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_heads(self) -> int:
+        return self.steps["weights"].shape[0]
+
+    @property
+    def d_k(self) -> int:
+        return self.steps["queries"].shape[-1]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.d_k)
+
+    @property
+    def causal(self) -> bool:
+        return not bool(self.steps["mask"].all())
+
+    def step_names(self) -> list[str]:
+        return [name for name in STEP_MEANINGS if name in self.steps]
+
+    def head(self, name: str, h: int) -> Tensor:
+        """One head's slice of a per-head step, e.g. ``trace.head("weights", 0)`` -> (L, L)."""
+        return self.steps[name][h]
+
+
+def trace(
+    module: nn.Module,
+    x: Tensor,
+    tokens: list[str] | None = None,
+    *,
+    sample: int = 0,
+    **forward_kwargs: object,
+) -> Trace:
+    """Run ``module(x, **forward_kwargs)`` and return its intermediates for batch item ``sample``.
+
+    x is (L, d_in) or (B, L, d_in). ``tokens`` labels the L positions (default "0", "1", ...).
+    The module runs in eval mode semantics of its current state: call ``module.eval()`` first
+    for a trace without dropout.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"trace expects an nn.Module, got {type(module).__name__}")
+    with torch.no_grad(), recording() as rec:
+        module(x, **forward_kwargs)
+    if "weights" not in rec:
+        raise ValueError(f"{type(module).__name__} recorded no attention: is it a selfattn module?")
+    length = rec["weights"].shape[-2]
+    if tokens is None:
+        tokens = [str(i) for i in range(length)]
+    if len(tokens) != length:
+        raise ValueError(f"got {len(tokens)} token labels for a sequence of {length} tokens")
+    steps = {}
+    for name, tensor in rec.items():
+        if name in PER_HEAD_STEPS:
+            steps[name] = tensor[sample]  # (N, H, L, ·) -> (H, L, ·)
+        else:
+            steps[name] = tensor.reshape(-1, *tensor.shape[-2:])[sample]  # (..., L, d) -> (L, d)
+    return Trace(module=type(module).__name__, tokens=list(tokens), steps=steps)
