@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,8 @@ def token_input(x: object, d_in: int, module: str) -> Tensor:
 def split_heads(t: Tensor, num_heads: int) -> Tensor:
     """(..., L, H * D) -> (N, H, L, D), with N the product of the leading dims."""
     *lead, length, width = t.shape
-    t = t.reshape(-1, length, num_heads, width // num_heads)  # (N, L, H, D)
+    n = math.prod(lead)  # explicit, not -1: works for empty sequences too
+    t = t.reshape(n, length, num_heads, width // num_heads)  # (N, L, H, D)
     return t.transpose(1, 2)  # (N, H, L, D)
 
 

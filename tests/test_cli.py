@@ -1,0 +1,127 @@
+"""`selfattn explain` on the built-in example: walkthrough, JSON, errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from selfattn.cli import main
+from test_seed import CHAPTER_V1, CHAPTER_V2
+
+STEP_NAMES = ["inputs", "queries", "keys", "values", "scores", "scaled_scores", "weights", "context"]
+
+
+def run_json(capsys, *args):
+    assert main(["explain", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def steps_of(data):
+    return {s["name"]: s for s in data["steps"]}
+
+
+def test_default_walkthrough_prints_every_step_with_chapter_values(capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["explain"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out  # not a terminal: plain text
+    for word in ["Your", "journey", "step", "queries", "keys", "values", "scores",
+                 "scaled_scores", "weights", "row sum", "context", "√d_k = √2"]:
+        assert word in out
+    for row in CHAPTER_V1:
+        assert f"{row[0]:.4f}" in out and f"{row[1]:.4f}" in out
+    # the closing table names every tensor with its shape
+    assert "(6 × 3)" in out and "(6 × 6)" in out and "(6 × 2)" in out
+
+
+def test_precision_option(capsys):
+    assert main(["explain", "--precision", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0.30" in out and "0.2996" not in out
+
+
+def test_json_schema_and_values_v1(capsys):
+    data = run_json(capsys)
+    assert data["tokens"] == ["Your", "journey", "starts", "with", "one", "step"]
+    assert [s["name"] for s in data["steps"]] == STEP_NAMES
+    steps = steps_of(data)
+    assert steps["inputs"]["shape"] == [6, 3]
+    assert steps["scores"]["shape"] == [6, 6]
+    assert steps["context"]["shape"] == [6, 2]
+    torch.testing.assert_close(
+        torch.tensor(steps["context"]["values"]), torch.tensor(CHAPTER_V1), atol=5e-5, rtol=0
+    )
+    scores = torch.tensor(steps["scores"]["values"])
+    scaled = torch.tensor(steps["scaled_scores"]["values"])
+    torch.testing.assert_close(scaled, scores / math.sqrt(2))
+    weights = torch.tensor(steps["weights"]["values"])
+    torch.testing.assert_close(weights, torch.softmax(scaled, dim=-1))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(6))
+
+
+def test_json_v2_uses_chapter_seed(capsys):
+    data = run_json(capsys, "--module", "v2")
+    got = torch.tensor(steps_of(data)["context"]["values"])
+    torch.testing.assert_close(got, torch.tensor(CHAPTER_V2), atol=5e-5, rtol=0)
+
+
+def test_seed_and_d_out_options(capsys):
+    data = run_json(capsys, "--seed", "1", "--d-out", "3")
+    assert steps_of(data)["queries"]["shape"] == [6, 3]
+    torch.manual_seed(1)
+    w_query = torch.rand(3, 3)
+    from selfattn.explain import example_inputs
+
+    expected = example_inputs() @ w_query
+    torch.testing.assert_close(torch.tensor(steps_of(data)["queries"]["values"]), expected)
+
+
+@pytest.mark.parametrize("module", ["causal", "wrapper", "mha"])
+def test_other_modules_explain(capsys, module):
+    data = run_json(capsys, "--module", module, "--heads", "2")
+    steps = steps_of(data)
+    assert "mask" in steps  # causal modules show their mask
+    mask = torch.tensor(steps["mask"]["values"])
+    weights = torch.tensor(steps["weights"]["values"])
+    assert weights.shape[-2:] == (6, 6)
+    assert (weights[~mask] == 0).all()
+    assert main(["explain", "--module", module]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["explain", "--bogus"], "unrecognized arguments"),
+        (["explain", "--module", "v3"], "invalid choice"),
+        (["explain", "--d-out", "0"], "positive integer"),
+        (["explain", "--d-out", "x"], "positive integer"),
+        (["explain", "--precision", "-1"], ">= 0"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(capsys, args, needle):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_console_script_and_module_entry_points():
+    env = {**os.environ, "NO_COLOR": "1"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "selfattn", "explain", "--d-out", "0"],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    good = subprocess.run(
+        [sys.executable, "-m", "selfattn", "explain", "--json"],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    assert json.loads(good.stdout)["tokens"][0] == "Your"
