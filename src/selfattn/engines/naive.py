@@ -47,8 +47,8 @@ def safe_softmax(scores: Tensor) -> Tensor:
     row_max = torch.where(row_max.isfinite(), row_max, 0.0).detach()  # dead rows: shift by 0
     exp = torch.exp(scores - row_max)  # (..., Lq, Lk), masked cells are exactly 0
     row_sum = exp.sum(dim=-1, keepdim=True)  # (..., Lq, 1), 0 on dead rows
-    weights = exp / row_sum.clamp_min(torch.finfo(exp.dtype).tiny)  # rows sum to 1 (or 0)
-    lse = (row_max + row_sum.log()).squeeze(-1)  # (..., Lq)
+    weights = exp / torch.where(row_sum > 0, row_sum, 1.0)  # rows sum to 1 (dead rows: 0)
+    lse = (row_max + row_sum.log()).squeeze(-1)  # (..., Lq), -inf on dead rows
     return weights, lse
 
 
