@@ -8,11 +8,20 @@ import sys
 
 import pytest
 import torch
-
-from selfattn.cli import main
 from test_seed import CHAPTER_V1, CHAPTER_V2
 
-STEP_NAMES = ["inputs", "queries", "keys", "values", "scores", "scaled_scores", "weights", "context"]
+from selfattn.cli import main
+
+STEP_NAMES = [
+    "inputs",
+    "queries",
+    "keys",
+    "values",
+    "scores",
+    "scaled_scores",
+    "weights",
+    "context",
+]
 
 
 def run_json(capsys, *args):
@@ -29,8 +38,20 @@ def test_default_walkthrough_prints_every_step_with_chapter_values(capsys, monke
     assert main(["explain"]) == 0
     out = capsys.readouterr().out
     assert "\x1b[" not in out  # not a terminal: plain text
-    for word in ["Your", "journey", "step", "queries", "keys", "values", "scores",
-                 "scaled_scores", "weights", "row sum", "context", "√d_k = √2"]:
+    for word in [
+        "Your",
+        "journey",
+        "step",
+        "queries",
+        "keys",
+        "values",
+        "scores",
+        "scaled_scores",
+        "weights",
+        "row sum",
+        "context",
+        "√d_k = √2",
+    ]:
         assert word in out
     for row in CHAPTER_V1:
         assert f"{row[0]:.4f}" in out and f"{row[1]:.4f}" in out
@@ -116,12 +137,18 @@ def test_console_script_and_module_entry_points():
     env = {**os.environ, "NO_COLOR": "1"}
     bad = subprocess.run(
         [sys.executable, "-m", "selfattn", "explain", "--d-out", "0"],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     good = subprocess.run(
         [sys.executable, "-m", "selfattn", "explain", "--json"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert json.loads(good.stdout)["tokens"][0] == "Your"

@@ -1,9 +1,10 @@
-"""selfattn.attention: every engine against an independent float64 reference, forward and backward."""
+"""selfattn.attention: each engine against an float64 reference, forward and backward."""
 
 import math
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from selfattn import (
     attention,
@@ -16,14 +17,13 @@ from selfattn import (
 )
 from selfattn.engines import AttentionRequest
 from selfattn.functional import select_engine
-from tolerances import assert_close
 
 ENGINES = ["naive", "sdpa", "tiled"]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def reference(q, k, v, keep=None, bias=None, scale=None):
-    """float64 attention written independently: repeat heads, masked_fill, softmax, zero dead rows."""
+    """float64 attention written independently: repeat heads, mask, softmax, zero dead rows."""
     q, k, v = q.double(), k.double(), v.double()
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -64,9 +64,7 @@ def compare(engine, dtype, q64, k64, v64, *, keep=None, bias=None, is_causal=Fal
 
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
     mask = keep if bias is None else bias.to(dtype)
-    out = attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, window=window, backend=engine
-    )
+    out = attention(q, k, v, attn_mask=mask, is_causal=is_causal, window=window, backend=engine)
     assert out.dtype == dtype and out.shape == expected.shape
     assert torch.isfinite(out).all()
     assert_close(out, expected, dtype)
@@ -135,7 +133,9 @@ def test_engine_long_sequence(engine, is_causal):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize(("lq", "lk", "window"), [(9, 9, 1), (40, 40, 5), (7, 20, 3), (129, 200, 64)])
+@pytest.mark.parametrize(
+    ("lq", "lk", "window"), [(9, 9, 1), (40, 40, 5), (7, 20, 3), (129, 200, 64)]
+)
 def test_sliding_window(engine, lq, lk, window):
     q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
     compare(engine, torch.float32, q, k, v, is_causal=True, window=window)
@@ -305,12 +305,22 @@ def shaped(*shape, dtype=torch.float32):
         (shaped(1, 2, 3, 4), shaped(1, 2, 3, 4), shaped(1, 2, 5, 4), {}, ValueError, "length Lk"),
         (shaped(2, 3, 4), shaped(2, 3, 4), shaped(2, 3, 4), {}, ValueError, "4-D"),
         (torch.ones(1, 1, 3, 4, dtype=torch.long),) * 3 + ({}, TypeError, "floating-point"),
-        (shaped(1, 1, 3, 4), shaped(1, 1, 3, 4, dtype=torch.float64), shaped(1, 1, 3, 4), {},
-         TypeError, "dtype"),
-        (shaped(1, 2, 3, 4),) * 3 + ({"attn_mask": torch.ones(3, 5, dtype=torch.bool)},
-                                      ValueError, r"\(3, 5\) cannot broadcast.*\(1, 2, 3, 3\)"),
-        (shaped(1, 2, 3, 4),) * 3 + ({"attn_mask": torch.ones(3, 3, dtype=torch.long)},
-                                      TypeError, "bool or floating"),
+        (
+            shaped(1, 1, 3, 4),
+            shaped(1, 1, 3, 4, dtype=torch.float64),
+            shaped(1, 1, 3, 4),
+            {},
+            TypeError,
+            "dtype",
+        ),
+        (shaped(1, 2, 3, 4),) * 3
+        + (
+            {"attn_mask": torch.ones(3, 5, dtype=torch.bool)},
+            ValueError,
+            r"\(3, 5\) cannot broadcast.*\(1, 2, 3, 3\)",
+        ),
+        (shaped(1, 2, 3, 4),) * 3
+        + ({"attn_mask": torch.ones(3, 3, dtype=torch.long)}, TypeError, "bool or floating"),
         (shaped(1, 2, 3, 4),) * 3 + ({"window": 2}, ValueError, "is_causal"),
         (shaped(1, 2, 3, 4),) * 3 + ({"window": 0, "is_causal": True}, ValueError, ">= 1"),
         (shaped(1, 2, 3, 4),) * 3 + ({"dropout_p": 1.5}, ValueError, r"\[0, 1\)"),

@@ -192,8 +192,13 @@ def test_non_tensor_input_is_type_error(cls):
 @pytest.mark.parametrize("cls", [SelfAttention_v1, SelfAttention_v2])
 @pytest.mark.parametrize(
     ("d_in", "d_out", "error"),
-    [(0, 2, ValueError), (3, -1, ValueError), (2.5, 2, TypeError), (3, "2", TypeError),
-     (True, 2, TypeError)],
+    [
+        (0, 2, ValueError),
+        (3, -1, ValueError),
+        (2.5, 2, TypeError),
+        (3, "2", TypeError),
+        (True, 2, TypeError),
+    ],
 )
 def test_bad_dimensions_fail_at_construction(cls, d_in, d_out, error):
     with pytest.raises(error, match="positive int"):

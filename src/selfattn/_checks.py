@@ -50,6 +50,6 @@ def split_heads(t: Tensor, num_heads: int) -> Tensor:
 
 def merge_heads(t: Tensor, lead: torch.Size | tuple[int, ...]) -> Tensor:
     """(N, H, L, D) -> (..., L, H * D), restoring the leading dims ``lead``."""
-    n, h, length, d = t.shape
+    _, h, length, d = t.shape
     t = t.transpose(1, 2)  # (N, L, H, D)
     return t.reshape(*lead, length, h * d)

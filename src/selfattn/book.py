@@ -228,7 +228,7 @@ class MultiHeadAttention(nn.Module):
         if self.cache_k is None:
             shape = (batch, self.num_kv_heads, self.context_length, self.head_dim)
             self.cache_k = k.new_zeros(shape)
-            self.cache_v = v.new_zeros(shape[:-1] + (v.shape[-1],))
+            self.cache_v = v.new_zeros((*shape[:-1], v.shape[-1]))
         elif self.cache_k.shape[0] != batch:
             raise ValueError(
                 f"the KV cache holds a batch of {self.cache_k.shape[0]}, got {batch}; "

@@ -79,7 +79,7 @@ def key_padding_mask(lengths: Tensor | list[int], max_len: int | None = None) ->
 def block_is_empty(
     q_start: int, q_end: int, k_start: int, k_end: int, lq: int, lk: int, window: int | None
 ) -> bool:
-    """True when the causal (windowed) mask rules out the whole block [q_start:q_end, k_start:k_end].
+    """True when the causal (windowed) mask rules out all of block [q_start:q_end, k_start:k_end].
 
     Used by block-wise engines to skip blocks instead of computing and discarding them.
     """

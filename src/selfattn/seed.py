@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selfattn._checks import positive_int, split_heads, merge_heads, token_input
+from selfattn._checks import merge_heads, positive_int, split_heads, token_input
 from selfattn.functional import attention
 from selfattn.recording import record
 

@@ -47,24 +47,32 @@ MODULE_KINDS: dict[str, ModuleKind] = {
     kind.name: kind
     for kind in (
         ModuleKind(
-            "v1", 123, lambda d_in, d_out, h, ctx: SelfAttention_v1(d_in, d_out),
+            "v1",
+            123,
+            lambda d_in, d_out, h, ctx: SelfAttention_v1(d_in, d_out),
             "SelfAttention_v1: raw parameter matrices",
         ),
         ModuleKind(
-            "v2", 789, lambda d_in, d_out, h, ctx: SelfAttention_v2(d_in, d_out),
+            "v2",
+            789,
+            lambda d_in, d_out, h, ctx: SelfAttention_v2(d_in, d_out),
             "SelfAttention_v2: nn.Linear projections",
         ),
         ModuleKind(
-            "causal", 123, lambda d_in, d_out, h, ctx: CausalAttention(d_in, d_out, ctx, 0.0),
+            "causal",
+            123,
+            lambda d_in, d_out, h, ctx: CausalAttention(d_in, d_out, ctx, 0.0),
             "CausalAttention: single head, future tokens masked",
         ),
         ModuleKind(
-            "wrapper", 123,
+            "wrapper",
+            123,
             lambda d_in, d_out, h, ctx: MultiHeadAttentionWrapper(d_in, d_out, ctx, 0.0, h),
             "MultiHeadAttentionWrapper: stacked causal heads",
         ),
         ModuleKind(
-            "mha", 123,
+            "mha",
+            123,
             lambda d_in, d_out, h, ctx: MultiHeadAttention(d_in, d_out, ctx, 0.0, h),
             "MultiHeadAttention: causal, heads split from one projection",
         ),

@@ -1,0 +1,317 @@
+"""The chapter's causal and multi-head modules: numbers, state_dict compatibility, extras."""
+
+import copy
+
+import pytest
+import torch
+from tolerances import assert_close
+from torch import nn
+
+from selfattn import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
+from selfattn.explain import example_inputs
+
+ENGINES = ["naive", "sdpa", "tiled"]
+
+
+# ---------------------------------------------------------------- the chapter's code, as printed
+class BookCausalAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.d_out = d_out
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer(
+            "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1)
+        )
+
+    def forward(self, x):
+        num_tokens = x.shape[1]
+        keys = self.W_key(x)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        attn_scores = queries @ keys.transpose(1, 2)
+        attn_scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ values
+
+
+class BookMultiHeadAttentionWrapper(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            [
+                BookCausalAttention(d_in, d_out, context_length, dropout, qkv_bias)
+                for _ in range(num_heads)
+            ]
+        )
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class BookMultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer(
+            "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1)
+        )
+
+    def forward(self, x):
+        b, num_tokens, _ = x.shape
+        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim)
+        queries = queries.transpose(1, 2)
+        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim)
+        values = values.transpose(1, 2)
+        attn_scores = queries @ keys.transpose(2, 3)
+        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        attn_scores.masked_fill_(mask_bool, -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        context_vec = (attn_weights @ values).transpose(1, 2)
+        context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context_vec)
+
+
+# ch03.ipynb, cells 34-36 (seed 123, d_in=3, d_out=2, context_length=6, dropout=0.0)
+CHAPTER_CAUSAL = [
+    [-0.4519, 0.2216],
+    [-0.5874, 0.0058],
+    [-0.6300, -0.0632],
+    [-0.5675, -0.0843],
+    [-0.5526, -0.0981],
+    [-0.5299, -0.1081],
+]
+CHAPTER_WRAPPER = [
+    [-0.4519, 0.2216, 0.4772, 0.1063],
+    [-0.5874, 0.0058, 0.5891, 0.3257],
+    [-0.6300, -0.0632, 0.6202, 0.3860],
+    [-0.5675, -0.0843, 0.5478, 0.3589],
+    [-0.5526, -0.0981, 0.5321, 0.3428],
+    [-0.5299, -0.1081, 0.5077, 0.3493],
+]
+CHAPTER_MHA = [
+    [0.3190, 0.4858],
+    [0.2943, 0.3897],
+    [0.2856, 0.3593],
+    [0.2693, 0.3873],
+    [0.2639, 0.3928],
+    [0.2575, 0.4028],
+]
+
+PAIRS = [
+    (CausalAttention, BookCausalAttention, (3, 2, 6, 0.0), CHAPTER_CAUSAL),
+    (MultiHeadAttentionWrapper, BookMultiHeadAttentionWrapper, (3, 2, 6, 0.0, 2), CHAPTER_WRAPPER),
+    (MultiHeadAttention, BookMultiHeadAttention, (3, 2, 6, 0.0, 2), CHAPTER_MHA),
+]
+
+
+def chapter_batch():
+    inputs = example_inputs()
+    return torch.stack((inputs, inputs), dim=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("ours", "book", "args", "printed"), PAIRS, ids=["causal", "wrapper", "mha"]
+)
+def test_chapter_printed_outputs(ours, book, args, printed, engine):
+    torch.manual_seed(123)
+    out = ours(*args, backend=engine)(chapter_batch())
+    assert out.shape == (2, 6, len(printed[0]))
+    for b in range(2):
+        torch.testing.assert_close(out[b], torch.tensor(printed), atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("ours", "book", "args", "printed"), PAIRS, ids=["causal", "wrapper", "mha"]
+)
+def test_same_seed_same_parameters_and_state_dict_loads_strictly(ours, book, args, printed):
+    torch.manual_seed(7)
+    reference = book(*args)
+    torch.manual_seed(7)
+    mine = ours(*args)
+    ref_state, my_state = reference.state_dict(), mine.state_dict()
+    assert list(ref_state) == list(my_state)
+    for name in ref_state:
+        assert torch.equal(ref_state[name], my_state[name]), name
+    other = ours(*args)
+    other.load_state_dict(ref_state, strict=True)
+    x = torch.randn(3, 5, 3)
+    torch.testing.assert_close(other(x), reference(x))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_larger_mha_matches_book_code_forward_and_gradients(engine):
+    torch.manual_seed(0)
+    book = BookMultiHeadAttention(32, 48, 40, 0.0, 4, qkv_bias=True).double()
+    mine = MultiHeadAttention(32, 48, 40, 0.0, 4, qkv_bias=True, backend=engine)
+    mine.load_state_dict({k: v.float() for k, v in book.state_dict().items()})
+    x64 = torch.randn(2, 37, 32, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().float().requires_grad_()
+    expected, out = book(x64), mine(x)
+    assert_close(out, expected, torch.float32)
+    g = torch.randn(expected.shape, dtype=torch.float64)
+    expected.backward(g)
+    out.backward(g.float())
+    assert_close(x.grad, x64.grad, torch.float32, atol=1e-4)
+    for (name, p64), p in zip(book.named_parameters(), mine.parameters(), strict=True):
+        assert_close(p.grad, p64.grad, torch.float32, atol=1e-4, msg=name)
+
+
+def test_dropout_on_in_training_off_in_eval():
+    torch.manual_seed(1)
+    mha = MultiHeadAttention(8, 8, 16, 0.5, 2)
+    x = torch.randn(1, 16, 8)
+    mha.eval()
+    torch.testing.assert_close(mha(x), mha(x))
+    mha.train()
+    assert not torch.allclose(mha(x), mha(x))
+
+
+def test_naive_dropout_draws_the_chapter_random_numbers():
+    torch.manual_seed(5)
+    book = BookMultiHeadAttention(8, 8, 16, 0.3, 2)
+    mine = MultiHeadAttention(8, 8, 16, 0.3, 2, backend="naive")
+    mine.load_state_dict(book.state_dict())
+    x = torch.randn(2, 10, 8)
+    torch.manual_seed(11)
+    expected = book(x)
+    torch.manual_seed(11)
+    torch.testing.assert_close(mine(x), expected)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gqa_equals_mha_with_repeated_kv_weights(engine):
+    torch.manual_seed(2)
+    gqa = MultiHeadAttention(16, 32, 20, 0.0, 8, num_kv_heads=2, backend=engine)
+    assert gqa.W_key.weight.shape == (2 * 4, 16)
+    full = MultiHeadAttention(16, 32, 20, 0.0, 8, backend="naive")
+    state = gqa.state_dict()
+    for name in ("W_key", "W_value"):
+        w = state[f"{name}.weight"].view(2, 4, 16)  # (Hkv, D, d_in)
+        state[f"{name}.weight"] = w.repeat_interleave(4, dim=0).reshape(32, 16)
+    full.load_state_dict(state)
+    x = torch.randn(2, 11, 16)
+    torch.testing.assert_close(gqa(x), full(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_padding_mask_ignores_padded_keys(engine):
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(8, 8, 16, 0.0, 2, causal=False, backend=engine)
+    x = torch.randn(2, 6, 8)
+    pad = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    out = mha(x, padding_mask=pad)
+    alone = mha(x[1:, :4])
+    torch.testing.assert_close(out[1, :4], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, L_keys\) = \(2, 6\)"):
+        mha(x, padding_mask=pad[:, :5])
+    with pytest.raises(TypeError, match="bool"):
+        mha(x, padding_mask=pad.float())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sliding_window_module(engine):
+    torch.manual_seed(4)
+    mha = MultiHeadAttention(8, 8, 32, 0.0, 2, window=3, backend=engine)
+    x = torch.randn(1, 12, 8)
+    out = mha(x)
+    # token 11 sees tokens 9..11 only: changing token 5 leaves it unchanged
+    x2 = x.clone()
+    x2[0, 5] += 10
+    torch.testing.assert_close(mha(x2)[0, 11], out[0, 11])
+    assert not torch.allclose(mha(x2)[0, 6], out[0, 6])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_kv_cache_decoding_equals_one_causal_forward(engine, num_kv_heads):
+    torch.manual_seed(5)
+    mha = MultiHeadAttention(16, 16, 24, 0.0, 4, num_kv_heads=num_kv_heads, backend=engine)
+    mha.eval()
+    x = torch.randn(2, 20, 16)
+    full = mha(x)
+    with torch.no_grad():
+        pieces = [mha(x[:, :7], use_cache=True)]  # the prompt
+        pieces += [mha(x[:, t : t + 1], use_cache=True) for t in range(7, 20)]  # one at a time
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert mha.cache_k.shape == (2, num_kv_heads or 4, 24, 4)  # pre-allocated
+    mha.reset_cache()
+    with torch.no_grad():
+        again = mha(x[:, :5], use_cache=True)
+    torch.testing.assert_close(again, full[:, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_full_cache_is_an_error():
+    mha = MultiHeadAttention(4, 4, 8, 0.0, 1).eval()
+    with torch.no_grad():
+        mha(torch.randn(1, 6, 4), use_cache=True)
+        with pytest.raises(ValueError, match=r"6 cached \+ 3 new.*context_length=8"):
+            mha(torch.randn(1, 3, 4), use_cache=True)
+        mha(torch.randn(1, 2, 4), use_cache=True)  # exactly full is fine
+    with pytest.raises(ValueError, match="batch of 1, got 2"):
+        mha(torch.randn(2, 1, 4), use_cache=True)
+
+
+def test_cache_is_not_in_state_dict():
+    mha = MultiHeadAttention(4, 4, 8, 0.0, 1).eval()
+    with torch.no_grad():
+        mha(torch.randn(1, 3, 4), use_cache=True)
+    assert set(mha.state_dict()) == {
+        "W_query.weight",
+        "W_key.weight",
+        "W_value.weight",
+        "out_proj.weight",
+        "out_proj.bias",
+        "mask",
+    }
+
+
+@pytest.mark.parametrize(("cls", "args"), [(c, a) for c, _, a, _ in PAIRS])
+def test_sequence_longer_than_context_length(cls, args):
+    with pytest.raises(ValueError, match="7 tokens, longer than context_length=6"):
+        cls(*args)(torch.randn(1, 7, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        (dict(d_out=5, num_heads=2), ValueError, "divisible by num_heads"),
+        (dict(num_heads=4, num_kv_heads=3), ValueError, "divisible by num_kv_heads"),
+        (dict(num_heads=0), ValueError, "positive int"),
+        (dict(dropout=1.0), ValueError, r"\[0, 1\)"),
+        (dict(window=4, causal=False), ValueError, "causal=True"),
+        (dict(context_length=2.0), TypeError, "positive int"),
+    ],
+)
+def test_constructor_errors(kwargs, error, needle):
+    args = dict(d_in=4, d_out=8, context_length=8, dropout=0.0, num_heads=2) | kwargs
+    with pytest.raises(error, match=needle):
+        MultiHeadAttention(**args)
+
+
+def test_module_input_errors():
+    mha = MultiHeadAttention(4, 4, 8, 0.0, 2)
+    with pytest.raises(ValueError, match=r"\(\.\.\., seq_len, 4\), got \(2, 3, 5\)"):
+        mha(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        mha(torch.ones(2, 3, 4, dtype=torch.int64))
+
+
+def test_deep_copy_and_unbatched_input():
+    mha = MultiHeadAttention(4, 4, 8, 0.0, 2)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(mha(x), mha(x[None])[0])
+    torch.testing.assert_close(copy.deepcopy(mha)(x), mha(x))
