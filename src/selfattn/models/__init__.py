@@ -1,0 +1,29 @@
+"""Real pretrained models, rebuilt from selfattn's own modules and loaded with their weights.
+
+`minilm`: sentence-transformers' all-MiniLM-L6-v2, a 6-layer BERT encoder whose every attention
+layer is a `selfattn.MultiHeadAttention`. Loading it needs the ``text`` extra (tokenizers,
+safetensors and the packaged model files) and raises `MissingExtra` without it; importing this
+package does not need it.
+"""
+
+from selfattn._extras import MissingExtra
+from selfattn.models.minilm import (
+    MODEL_NAME,
+    MiniLM,
+    MiniLMConfig,
+    load_minilm,
+    load_tokenizer,
+    model_dir,
+    trace_layers,
+)
+
+__all__ = [
+    "MODEL_NAME",
+    "MiniLM",
+    "MiniLMConfig",
+    "MissingExtra",
+    "load_minilm",
+    "load_tokenizer",
+    "model_dir",
+    "trace_layers",
+]
