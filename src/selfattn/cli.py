@@ -1,8 +1,8 @@
 """The `selfattn` command: argument parsing only; the work lives in `selfattn.explain` and
 `selfattn.bench`.
 
-Every usage error, and every ValueError / TypeError / OSError the work raises, becomes one line on
-stderr and exit status 2, with no traceback.
+Every usage error, and every ValueError / TypeError / OSError / MissingExtra the work raises,
+becomes one line on stderr and exit status 2, with no traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+
+from selfattn._extras import MissingExtra
 
 EXIT_USAGE = 2
 
@@ -57,33 +59,149 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a self-attention module on the chapter's example (or real text) and "
         "print every step: inputs, Q/K/V, scores, scaled scores, softmax weights, context.",
     )
-    ex.add_argument("--module", choices=list(MODULE_KINDS), default="v1",
-                    help="which module to explain (default: v1)")
-    ex.add_argument("--seed", type=int, default=None,
-                    help="torch.manual_seed before building it (default: 123; 789 for v2)")
-    ex.add_argument("--d-out", type=_positive_int, default=2, help="output width (default: 2)")
-    ex.add_argument("--heads", type=_positive_int, default=2,
-                    help="heads for multi-head modules (default: 2)")
-    ex.add_argument("--precision", type=_non_negative_int, default=4,
-                    help="decimals shown (default: 4)")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument(
+        "--module",
+        choices=list(MODULE_KINDS),
+        default=None,
+        help="which module to explain (default: v1)",
+    )
+    which.add_argument(
+        "--model",
+        choices=["minilm"],
+        default=None,
+        help="a real pretrained model instead: all-MiniLM-L6-v2's own attention, 6 layers of "
+        "12 heads (needs the 'text' extra)",
+    )
+    ex.add_argument(
+        "--text",
+        default=None,
+        help="real text: tokenized by MiniLM's tokenizer and fed its pretrained word embeddings "
+        "(default: the chapter's six-token example; needs the 'text' extra)",
+    )
+    ex.add_argument("--truncate", action="store_true", help="cut text past the model's 512 tokens")
+    ex.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="torch.manual_seed before building it (default: 123; 789 for v2)",
+    )
+    ex.add_argument(
+        "--d-out",
+        type=_positive_int,
+        default=None,
+        help="output width (default: 2; 64 with --text)",
+    )
+    ex.add_argument(
+        "--heads", type=_positive_int, default=2, help="heads for multi-head modules (default: 2)"
+    )
+    ex.add_argument(
+        "--layer", type=_non_negative_int, default=0, help="which layer, for --model (default: 0)"
+    )
+    ex.add_argument(
+        "--head",
+        type=_non_negative_int,
+        default=None,
+        help="show one head only (default: every head; head 0 for --model's walkthrough and JSON)",
+    )
+    ex.add_argument(
+        "--precision", type=_non_negative_int, default=4, help="decimals shown (default: 4)"
+    )
     ex.add_argument("--json", action="store_true", help="print the run as JSON instead")
+    ex.add_argument(
+        "--png", metavar="FILE", default=None, help="save heatmaps, one per head, as a PNG image"
+    )
+    ex.add_argument(
+        "--html",
+        metavar="FILE",
+        default=None,
+        help="save one self-contained, offline web page to explore every step, head and layer",
+    )
+    ex.add_argument(
+        "--step",
+        choices=["weights", "scores", "scaled_scores"],
+        default="weights",
+        help="what --png draws, and the step --html opens on (default: weights)",
+    )
     ex.set_defaults(run=_run_explain)
 
     return parser
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from selfattn.explain import explain_example
+    from selfattn.explain import explain_traces
     from selfattn.explain.jsonout import to_json
     from selfattn.explain.terminal import make_console, render_walkthrough
 
-    tr = explain_example(args.module, seed=args.seed, d_out=args.d_out, heads=args.heads)
+    for flag, path in (("--png", args.png), ("--html", args.html)):
+        if path is not None:
+            _check_writable(flag, path)
+    if args.png is not None:
+        from selfattn._extras import require
+
+        require("matplotlib", "plot", "--png")
+
+    traces = explain_traces(
+        module=args.module,
+        model=args.model,
+        text=args.text,
+        seed=args.seed,
+        d_out=args.d_out,
+        heads=args.heads,
+        truncate=args.truncate,
+    )  # one per layer
+    _check_index("--layer", args.layer, len(traces), "layers")
+    tr = traces[args.layer]
+    if args.head is not None:
+        _check_index("--head", args.head, tr.num_heads, "heads")
+    # a pretrained model has 12 heads: its walkthrough and JSON show one unless told otherwise
+    one_head = args.head if args.head is not None or args.model is None else 0
+
+    said = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON under --json
+    if args.png is not None:
+        from selfattn.explain.png import render_png
+
+        heads = None if args.head is None else [args.head]
+        render_png(tr, args.png, step=args.step, heads=heads)
+        print(f"wrote {args.png}: {args.step}, {_count(heads, tr.num_heads)}", file=said)
+    if args.html is not None:
+        from selfattn.explain.html import write_html
+
+        write_html(traces, args.html, layer=args.layer, head=args.head or 0, step=args.step)
+        print(f"wrote {args.html}: open it in a browser (works offline)", file=said)
+    if one_head is not None:
+        tr = tr.select_head(one_head)
     if args.json:
         json.dump(to_json(tr), sys.stdout)
         sys.stdout.write("\n")
-    else:
+    elif args.png is None and args.html is None:
         render_walkthrough(tr, make_console(), precision=args.precision)
     return 0
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Fail before any work when ``path`` can't be written: a directory, or no such folder."""
+    import os
+
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {flag} {path}: it is a directory")
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {flag} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {flag} {path}: permission denied")
+
+
+def _check_index(flag: str, value: int, count: int, what: str) -> None:
+    if not 0 <= value < count:
+        valid = f"there is only {what[:-1]} 0" if count == 1 else f"valid {what} are 0..{count - 1}"
+        raise ValueError(f"{flag} {value} is out of range: {valid}")
+
+
+def _count(heads: list[int] | None, n_heads: int) -> str:
+    if heads is not None:
+        return f"head {heads[0]}"
+    return "1 head" if n_heads == 1 else f"{n_heads} heads"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, OSError, KeyError) as err:
+    except (ValueError, TypeError, OSError, KeyError, MissingExtra) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"selfattn: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -70,6 +70,20 @@ class Trace:
     def step_names(self) -> list[str]:
         return [name for name in STEP_MEANINGS if name in self.steps]
 
+    def select_head(self, h: int) -> Trace:
+        """This trace cut to head ``h``: per-head steps become (1, L, ·); the merged output,
+        which mixes every head, is dropped. ``extras["head"]`` records the choice."""
+        if self.num_heads == 1:
+            return self
+        if not 0 <= h < self.num_heads:
+            raise ValueError(f"head {h} is out of range: valid heads are 0..{self.num_heads - 1}")
+        steps = {
+            name: t[h : h + 1] if name in PER_HEAD_STEPS else t
+            for name, t in self.steps.items()
+            if name != "output"
+        }
+        return Trace(self.module, self.tokens, steps, {**self.extras, "head": h})
+
     def head(self, name: str, h: int) -> Tensor:
         """One head's slice of a per-head step, e.g. ``trace.head("weights", 0)`` -> (L, L)."""
         return self.steps[name][h]

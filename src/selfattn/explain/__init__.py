@@ -98,3 +98,34 @@ def explain_example(
     result = trace(module, x, EXAMPLE_TOKENS)
     result.extras["description"] = MODULE_KINDS[kind].description
     return result
+
+
+def explain_traces(
+    *,
+    module: str | None = None,
+    model: str | None = None,
+    text: str | None = None,
+    seed: int | None = None,
+    d_out: int | None = None,
+    heads: int = 2,
+    truncate: bool = False,
+) -> list[Trace]:
+    """What `selfattn explain` renders: one trace, or one per layer for a pretrained model.
+
+    - ``model="minilm"``: all-MiniLM-L6-v2's own attention on ``text`` (or the example sentence).
+    - ``text``: a module kind (default "v1") on the text's pretrained token embeddings.
+    - otherwise: a module kind on the chapter's six-token example (d_out 2 by default).
+    """
+    if model is not None:
+        if model != "minilm":
+            raise ValueError(f"unknown model {model!r}; expected 'minilm'")
+        from selfattn.text import trace_minilm
+
+        return trace_minilm(text or " ".join(EXAMPLE_TOKENS), truncate=truncate)
+    kind = module or "v1"
+    if text is not None:
+        from selfattn.text import trace_text
+
+        sizes = {} if d_out is None else {"d_out": d_out}
+        return [trace_text(text, kind, seed=seed, heads=heads, truncate=truncate, **sizes)]
+    return [explain_example(kind, seed=seed, d_out=2 if d_out is None else d_out, heads=heads)]

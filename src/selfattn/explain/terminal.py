@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
+from selfattn.explain.heatmap import render_heatmaps
 from selfattn.explain.jsonout import step_tensor, visible_steps
 from selfattn.trace import STEP_MEANINGS, Trace
 
@@ -40,7 +41,7 @@ def matrix_table(
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     table.add_column("", style="bold", no_wrap=True)
     for label in col_labels[:shown]:
-        table.add_column(label, justify="right", no_wrap=True)
+        table.add_column(Text(label), justify="right", no_wrap=True)
     if shown < n_cols:
         table.add_column(f"… +{n_cols - shown}", justify="left", no_wrap=True)
     if row_sums:
@@ -51,7 +52,7 @@ def matrix_table(
             cells.append("…")
         if row_sums:
             cells.append(_fmt(m[i].sum().item(), precision))
-        table.add_row(label, *cells)
+        table.add_row(Text(label, style="bold"), *cells)
     return table
 
 
@@ -79,7 +80,9 @@ def render_walkthrough(tr: Trace, console: Console, precision: int = 4) -> None:
     header = f"{tr.module} on {len(tokens)} tokens: {' '.join(tokens)}"
     if "description" in tr.extras:
         header += f"\n{tr.extras['description']}"
-    console.print(Panel(header, title="selfattn explain", expand=False))
+    if "head" in tr.extras:  # a multi-head trace cut to one head
+        header += f"\nshowing head {tr.extras['head']} only (--head picks another)"
+    console.print(Panel(Text(header), title="selfattn explain", expand=False))
 
     def show(name: str, number: str, intro: str, cols: list[str] | None, sums: bool = False):
         t = step_tensor(tr, name)
@@ -91,33 +94,68 @@ def render_walkthrough(tr: Trace, console: Console, precision: int = 4) -> None:
             labels = cols or [f"[{j}]" for j in range(m.shape[1])]
             title = f"head {h}" if per_head.shape[0] > 1 else None
             console.print(
-                matrix_table(m.float(), tokens, labels, precision, title=title,
-                             row_sums=sums, max_cols=fit)
+                matrix_table(
+                    m.float(), tokens, labels, precision, title=title, row_sums=sums, max_cols=fit
+                )
             )
         if per_head.shape[-1] > fit:
-            console.print(Text(f"(showing {fit} of {per_head.shape[-1]} columns; "
-                               "widen the terminal or use --json for all)", style="dim"))
+            console.print(
+                Text(
+                    f"(showing {fit} of {per_head.shape[-1]} columns; "
+                    "widen the terminal or use --json for all)",
+                    style="dim",
+                )
+            )
 
     show("inputs", "1.", "Each row is one token's embedding vector x (seq_len × d_in).", None)
-    console.print(Text("\n2. queries, keys, values: three projections of the same inputs",
-                       style="bold cyan"))
+    console.print(
+        Text("\n2. queries, keys, values: three projections of the same inputs", style="bold cyan")
+    )
     for name in ("queries", "keys", "values"):
         show(name, "  ", _sentence(STEP_MEANINGS[name]), None)
-    show("scores", "3.", "Q · Kᵀ: row i holds query i's dot product with every key "
-         "(queries as rows, keys as columns).", tokens)
-    show("scaled_scores", "4.", f"Scores divided by √d_k = √{d_k} = {math.sqrt(d_k):.4f}, so "
-         "softmax does not saturate as d_k grows.", tokens)
+    show(
+        "scores",
+        "3.",
+        "Q · Kᵀ: row i holds query i's dot product with every key "
+        "(queries as rows, keys as columns).",
+        tokens,
+    )
+    show(
+        "scaled_scores",
+        "4.",
+        f"Scores divided by √d_k = √{d_k} = {math.sqrt(d_k):.4f}, so "
+        "softmax does not saturate as d_k grows.",
+        tokens,
+    )
     if "mask" in steps:
-        show("mask", "4b.", "Causal mask: a query may attend to its own and earlier tokens only; "
-             "masked scores become -inf before softmax.", tokens)
-    show("weights", "5.", "Softmax over each row: the attention weights. Each row sums to 1.",
-         tokens, sums=True)
+        show(
+            "mask",
+            "4b.",
+            "Causal mask: a query may attend to its own and earlier tokens only; "
+            "masked scores become -inf before softmax.",
+            tokens,
+        )
+    show(
+        "weights",
+        "5.",
+        "Softmax over each row: the attention weights. Each row sums to 1.",
+        tokens,
+        sums=True,
+    )
+    console.print(
+        Text(
+            "\nThe same weights as a heatmap: row = query, column = key; "
+            "the stronger the shade, the more that query attends to that key."
+        )
+    )
+    render_heatmaps(tr, console)
     show("context", "6.", "Context vectors: each row is the weighted sum of the value rows.", None)
     if "output" in steps:
         show("output", "6b.", _sentence(STEP_MEANINGS["output"]), None)
 
-    summary = Table(title="\n7. Every tensor, its shape and meaning", box=box.SIMPLE_HEAD,
-                    title_justify="left")
+    summary = Table(
+        title="\n7. Every tensor, its shape and meaning", box=box.SIMPLE_HEAD, title_justify="left"
+    )
     summary.add_column("step", style="bold")
     summary.add_column("shape", no_wrap=True)
     summary.add_column("meaning")

