@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from selfattn._checks import probability
 from selfattn.engines import AUTO_ORDER, AttentionRequest, Engine, EngineOutput, get_engine
 from selfattn.recording import is_recording
 
@@ -143,7 +144,7 @@ def run(
         is_causal=check_flag("is_causal", is_causal),
         window=check_window(window, is_causal),
         scale=check_scale(scale, q.shape[-1]),
-        dropout_p=check_dropout(dropout_p),
+        dropout_p=probability("dropout_p", dropout_p),
         need_lse=need_lse,
         need_weights=need_weights,
     )
@@ -268,11 +269,3 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return float(scale)
-
-
-def check_dropout(p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, int | float):
-        raise TypeError(f"dropout_p must be a float, got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    return float(p)
