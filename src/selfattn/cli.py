@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.set_defaults(run=_run_explain)
 
+    from selfattn.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""The benchmark harness behind `selfattn bench`.
+
+    from selfattn.bench import BenchConfig, run_benchmark
+    results = run_benchmark(BenchConfig(preset="book"))
+    results.to_dict()    # every figure, plus the environment
+
+Every contender computes the same layer from one set of weights, is checked against a float64
+reference before it is timed, and is reported as a ratio to a baseline (see `runner`).
+"""
+
+from selfattn.bench.contenders import CONTENDERS, Built, Contender, SkipContender, Weights
+from selfattn.bench.presets import PRESETS, BenchConfig, Case
+from selfattn.bench.report import compare, plot, read_json, render, write_json
+from selfattn.bench.runner import Measurement, Progress, Results, run_benchmark
+from selfattn.bench.timing import FLOP_FORMULA, attention_flops, layer_flops, projection_flops
+
+__all__ = [
+    "CONTENDERS",
+    "FLOP_FORMULA",
+    "PRESETS",
+    "BenchConfig",
+    "Built",
+    "Case",
+    "Contender",
+    "Measurement",
+    "Progress",
+    "Results",
+    "SkipContender",
+    "Weights",
+    "attention_flops",
+    "compare",
+    "layer_flops",
+    "plot",
+    "projection_flops",
+    "read_json",
+    "render",
+    "run_benchmark",
+    "write_json",
+]

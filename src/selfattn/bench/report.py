@@ -1,0 +1,330 @@
+"""Showing results: the rich table, the JSON file, the plot, and the comparison of two runs.
+
+matplotlib is imported only by `plot`, and only when asked for (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from selfattn.bench.runner import Measurement, Results
+
+PLOT_EXTRA = "--plot needs matplotlib: pip install 'selfattn[bench]'"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds >= 10:
+        return f"{seconds:,.1f} s"
+    ms = seconds * 1e3
+    return f"{ms:,.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            value = n / size
+            return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
+    return f"{n} B"
+
+
+def _spread(m: Measurement) -> str:
+    if m.q1_s is None or not m.median_s:
+        return ""
+    return f"±{(m.q3_s - m.q1_s) / 2 / m.median_s * 100:.0f}%"
+
+
+def _status(m: Measurement) -> str:
+    if m.status == "ok":
+        return m.extra.get("memory", "")
+    if m.status == "wrong":
+        return f"[bold red]{m.reason}[/]"
+    label = {"skipped": "skipped", "stopped": "", "oom": "OOM", "error": "error"}[m.status]
+    text = m.reason if not label or m.reason.startswith(label) else f"{label}: {m.reason}"
+    return f"[yellow]{text}[/]" if m.status in ("oom", "error") else f"[dim]{text}[/]"
+
+
+def render(results: Results, console: Console) -> None:
+    """One table per case; the ratio column is time / the baseline's time (lower is faster)."""
+    settings = results.settings
+    baseline = settings["baseline"]
+    decode = settings.get("kind") == "decode"
+    by_case: dict[str, list[Measurement]] = {}
+    for m in results.measurements:
+        by_case.setdefault(m.label, []).append(m)
+    for label, ms in by_case.items():
+        table = Table(title=f"{settings['preset']}: {label}", title_justify="left")
+        table.add_column("contender")
+        if not decode:
+            table.add_column("pass")
+        table.add_column("median ms", justify="right")
+        table.add_column("IQR", justify="right")
+        table.add_column(f"× {baseline}", justify="right")
+        table.add_column("tokens/s", justify="right")
+        if decode:
+            table.add_column("prefill ms", justify="right")
+        table.add_column("GFLOP/s", justify="right")
+        table.add_column("% peak", justify="right")
+        if not decode:
+            table.add_column("peak mem", justify="right")
+        table.add_column("note", overflow="fold")
+        for m in ms:
+            ratio = ""
+            if m.ratio is not None:
+                ratio = f"{m.ratio:.2f}"
+                if m.contender == baseline:
+                    ratio = "[bold]1.00[/]"
+            row = [m.contender]
+            if not decode:
+                row.append(m.pass_)
+            row += [
+                _ms(m.median_s),
+                _spread(m),
+                ratio,
+                f"{m.tokens_per_s:,.0f}" if m.tokens_per_s else "",
+            ]
+            if decode:
+                row.append(_ms(m.extra.get("prefill_s")))
+            row += [
+                f"{m.gflops_per_s:.1f}" if m.gflops_per_s else "",
+                f"{m.peak_fraction * 100:.0f}%" if m.peak_fraction else "",
+            ]
+            if not decode:
+                row.append(_bytes(m.memory_bytes))
+            row.append(_status(m))
+            table.add_row(*row)
+        console.print(table)
+    env = results.environment
+    console.print(f"[dim]{_device_name(results)}, torch {env.get('torch')}[/]")
+    peaks = ", ".join(
+        f"{dtype} {p['gflops']:.0f} GFLOP/s ({p['n']}³)" for dtype, p in results.peaks.items()
+    )
+    console.print(f"[dim]matmul peak measured in this run: {peaks}[/]")
+    if not decode:
+        console.print(f"[dim]FLOPs: {results.flop_formula}[/]")
+    if any(m.memory_bytes is not None for m in results.measurements):
+        console.print(
+            "[dim]peak mem: high-water mark of one call beyond the module and inputs "
+            f"({'a fresh process per case' if env.get('device') == 'cpu' else 'CUDA allocator'})"
+            "[/]"
+        )
+    for note in results.notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def write_json(results: Results, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(results.to_dict(), indent=1) + "\n")
+
+
+def read_json(path: str | Path) -> Results:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    try:
+        return Results.from_dict(data)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a selfattn bench file (missing {err})") from None
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def check_plot_available() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(PLOT_EXTRA)
+
+
+def plot(results: Results, path: str | Path) -> None:
+    """Time and peak memory against L (log-log) per contender; bars for a single length."""
+    check_plot_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [m for m in results.measurements if m.status == "ok" and m.median_s]
+    if not ok:
+        raise ValueError("nothing was timed: no plot to draw")
+    lengths = {m.case["length"] for m in ok}
+    series = {m.label.split(" ", 1)[-1] for m in ok}
+    passes = list(dict.fromkeys(m.pass_ for m in ok))
+    decode = results.settings.get("kind") == "decode"
+    title = f"selfattn bench {results.settings['preset']} on {_device_name(results)}"
+    if decode or len(lengths) == 1:
+        _bars(results, ok, path, title, plt, decode)
+        return
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
+    lines = _lines(ok, multi=len(series) > 1)
+    keys = list(dict.fromkeys((name, ser) for name, _, ser in lines))
+    cmap = plt.get_cmap("tab20")  # the 10 strong colours first, then their light partners
+    palette = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]
+    colors = {key: palette[i % 20] for i, key in enumerate(keys)}
+    labelled: set = set()
+    for (name, pass_, ser), points in lines.items():
+        points.sort()
+        style = "-" if pass_ == "fwd+bwd" else "--"
+        color = colors[(name, ser)]
+        label = None
+        if (name, ser) not in labelled:
+            labelled.add((name, ser))
+            label = name + (f" [{ser}]" if ser else "")
+        xs = [p[0] for p in points]
+        ax_t.plot(xs, [p[1] * 1e3 for p in points], style, marker="o", ms=3, color=color,
+                  label=label)  # fmt: skip
+        mem = [(p[0], p[2]) for p in points if p[2]]
+        if mem:
+            ax_m.plot([p[0] for p in mem], [p[1] / 2**20 for p in mem], style, marker="o", ms=3,
+                      color=color)  # fmt: skip
+    for pass_ in passes:  # a legend entry per line style
+        ax_t.plot([], [], "-" if pass_ == "fwd+bwd" else "--", color="grey", label=pass_)
+    for ax, ylabel in ((ax_t, "median time per call (ms)"), (ax_m, "peak memory of a call (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7, ncol=2)
+    fig.suptitle(title + f" ({next(iter(series))})" if len(series) == 1 else title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _device_name(results: Results) -> str:
+    env = results.environment
+    name = env.get("gpu") or env.get("cpu", "?")
+    threads = env.get("threads")
+    plural = "thread" if threads == 1 else "threads"
+    return f"{name}, {threads} {plural}" if env.get("device") == "cpu" else name
+
+
+def _lines(ok: list[Measurement], multi: bool) -> dict:
+    lines: dict = {}
+    for m in ok:
+        ser = m.label.split(" ", 1)[-1] if multi else ""
+        lines.setdefault((m.contender, m.pass_, ser), []).append(
+            (m.case["length"], m.median_s, m.memory_bytes)
+        )
+    return lines
+
+
+def _bars(results: Results, ok: list[Measurement], path, title: str, plt, decode: bool) -> None:
+    passes = list(dict.fromkeys(m.pass_ for m in ok))
+    names = list(dict.fromkeys(m.contender for m in ok))
+    panels = 1 if decode else 2
+    fig, axes = plt.subplots(1, panels, figsize=(12 if panels == 2 else 7, 0.45 * len(names) + 1.8))
+    axes = [axes] if panels == 1 else list(axes)
+    height = 0.8 / len(passes)
+    for i, pass_ in enumerate(passes):
+        got = {m.contender: m for m in ok if m.pass_ == pass_}
+        ys = [j + i * height for j in range(len(names))]
+        if decode:
+            vals = [got[n].tokens_per_s if n in got else 0 for n in names]
+            axes[0].barh(ys, vals, height, label="tokens/s")
+            for y, v in zip(ys, vals, strict=True):
+                axes[0].text(v, y, f" {v:,.0f}", va="center", fontsize=7)
+        else:
+            vals = [got[n].median_s * 1e3 if n in got else 0 for n in names]
+            axes[0].barh(ys, vals, height, label=pass_)
+            for y, n in zip(ys, names, strict=True):
+                if n in got and got[n].ratio is not None:
+                    axes[0].text(got[n].median_s * 1e3, y, f" {got[n].ratio:.2f}×",
+                                 va="center", fontsize=7)  # fmt: skip
+            mem = [(got[n].memory_bytes or 0) / 2**20 if n in got else 0 for n in names]
+            axes[1].barh(ys, mem, height, label=pass_)
+    for ax in axes:
+        ax.set_yticks([j + height * (len(passes) - 1) / 2 for j in range(len(names))], names)
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(fontsize=8)
+    baseline = results.settings["baseline"]
+    if decode:
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("new tokens per second, log scale (higher is better)")
+    else:
+        axes[0].set_xlabel(f"median ms per call (labels: × {baseline})")
+        axes[1].set_xlabel("peak memory of one call (MiB)")
+    label = ok[0].label
+    fig.suptitle(f"{title}\n{label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def compare(old: Results, new: Results, console: Console, threshold: float = 0.10) -> int:
+    """Print what changed between two runs; returns how many regressions were flagged.
+
+    A change is flagged only beyond noise: the new median is more than ``threshold`` slower
+    (or faster) AND the two runs' interquartile ranges do not overlap.
+    """
+    before = {(m.label, m.contender, m.pass_): m for m in old.measurements}
+    table = Table(title="selfattn bench: changes (new vs old)", title_justify="left")
+    for col, justify in (
+        ("case", "left"),
+        ("contender", "left"),
+        ("pass", "left"),
+        ("old ms", "right"),
+        ("new ms", "right"),
+        ("change", "right"),
+        ("verdict", "left"),
+    ):
+        table.add_column(col, justify=justify, overflow="fold")
+    regressions = 0
+    seen = set()
+    for m in new.measurements:
+        key = (m.label, m.contender, m.pass_)
+        seen.add(key)
+        o = before.get(key)
+        if o is None:
+            table.add_row(*key, "", _ms(m.median_s), "", "[dim]new[/]")
+            continue
+        if o.status != "ok" or m.status != "ok" or not o.median_s or not m.median_s:
+            if o.status != m.status:
+                verdict = f"{o.status} -> {m.status}"
+                if o.status == "ok":
+                    verdict = f"[bold red]{verdict}[/]"
+                    regressions += 1
+                table.add_row(*key, _ms(o.median_s), _ms(m.median_s), "", verdict)
+            continue
+        change = m.median_s / o.median_s - 1.0
+        slower = m.median_s > o.median_s * (1 + threshold) and m.q1_s > o.q3_s
+        faster = m.median_s < o.median_s * (1 - threshold) and m.q3_s < o.q1_s
+        if slower:
+            verdict = "[bold red]REGRESSION[/]"
+            regressions += 1
+        elif faster:
+            verdict = "[green]faster[/]"
+        else:
+            verdict = "[dim]within noise[/]"
+        table.add_row(*key, _ms(o.median_s), _ms(m.median_s), f"{change * 100:+.0f}%", verdict)
+    for key in before:
+        if key not in seen:
+            table.add_row(*key, _ms(before[key].median_s), "", "", "[dim]gone[/]")
+    console.print(table)
+    envs = [(r.environment.get("gpu") or r.environment.get("cpu"), r.environment.get("torch"))
+            for r in (old, new)]  # fmt: skip
+    if envs[0] != envs[1]:
+        console.print(
+            f"[yellow]note: the runs differ in machine or torch: {envs[0]} vs {envs[1]}[/]"
+        )
+    console.print(
+        f"{regressions} regression(s) flagged (> {threshold:.0%} slower and outside both runs' "
+        "interquartile ranges)"
+    )
+    return regressions

@@ -1,0 +1,268 @@
+"""`selfattn bench`: the quick preset end to end, bad input, FLOP counts, --compare, and the
+correctness gate that keeps a wrong contender from being timed. No assertion here is on a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfattn.bench import (
+    BenchConfig,
+    Built,
+    Case,
+    Contender,
+    Measurement,
+    Results,
+    SkipContender,
+    attention_flops,
+    layer_flops,
+    projection_flops,
+    run_benchmark,
+    write_json,
+)
+from selfattn.bench.contenders import ProjectedKernel
+from selfattn.bench.runner import STATUSES, _extrapolate
+from selfattn.cli import main
+
+SELFATTN = ("mha-auto", "mha-sdpa", "mha-tiled", "mha-naive", "wrapper-naive")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # x-transformers' torch.jit.script
+def test_quick_preset_smoke(tmp_path, capsys):
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    assert main(["bench", "--preset", "quick", "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "× torch-mha" in printed and "matmul peak" in printed
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    for key in ("torch", "device", "threads", "cpu", "python"):
+        assert env[key]
+    assert data["matmul_peak"]["fp32"]["gflops"] > 0
+    assert "4·B·H·L²·E" in data["flop_formula"]
+
+    measurements = data["measurements"]
+    named = {m["contender"] for m in measurements}
+    assert set(data["settings"]["contenders"]) == named
+    assert len({m["case"]["length"] for m in measurements}) == 2
+    for m in measurements:
+        assert m["status"] in STATUSES
+        if m["status"] == "ok":  # figures, after a passed correctness check
+            assert m["median_s"] > 0 and m["q1_s"] <= m["median_s"] <= m["q3_s"]
+            assert len(m["samples_s"]) == data["settings"]["repeats"]
+            assert m["flops"] > 0 and m["gflops_per_s"] > 0 and m["peak_fraction"] > 0
+            assert m["tokens_per_s"] > 0 and m["ratio"] > 0
+            assert m["max_error"] <= m["tolerance"]
+            assert m["memory_bytes"] is not None
+        else:
+            assert m["reason"], m
+    for m in measurements:  # every selfattn module ran and matched the float64 reference
+        if m["contender"] in SELFATTN:
+            assert m["status"] == "ok", m
+        if m["contender"] == "torch-mha":
+            assert m["ratio"] == 1.0
+    flex = [m for m in measurements if m["contender"] == "flex"]
+    assert flex and all(m["status"] == "skipped" for m in flex)
+    assert png.stat().st_size > 0
+
+
+def _measurement(contender, median, spread, status="ok"):
+    return Measurement(
+        case=Case(1, 2, 64, 8, True, "fp32").to_dict(),
+        contender=contender,
+        pass_="fwd",
+        status=status,
+        samples_s=[median - spread, median, median + spread],
+        median_s=median,
+        q1_s=median - spread / 2,
+        q3_s=median + spread / 2,
+        min_s=median - spread,
+        max_s=median + spread,
+    )
+
+
+def _results(*measurements):
+    return Results(
+        settings={"preset": "quick", "baseline": "a", "kind": "layer"},
+        environment={"cpu": "test cpu", "torch": torch.__version__, "device": "cpu"},
+        peaks={"fp32": {"n": 512, "seconds": 1.0, "gflops": 1.0}},
+        measurements=list(measurements),
+        notes=[],
+    )
+
+
+def test_compare_flags_an_injected_regression(tmp_path, capsys):
+    old, new, same = tmp_path / "old.json", tmp_path / "new.json", tmp_path / "same.json"
+    write_json(_results(_measurement("a", 1.0, 0.02), _measurement("b", 2.0, 0.02)), old)
+    # a: 50% slower, far outside both spreads; b: 3% slower, within noise.
+    write_json(_results(_measurement("a", 1.5, 0.02), _measurement("b", 2.06, 0.02)), new)
+    assert main(["bench", "--compare", str(old), str(new)]) == 1
+    printed = capsys.readouterr().out
+    assert "REGRESSION" in printed and "1 regression(s)" in printed
+    assert "within noise" in printed
+
+    # 15% slower but inside a wide spread: not flagged.
+    write_json(_results(_measurement("a", 1.15, 0.6), _measurement("b", 2.0, 0.02)), same)
+    assert main(["bench", "--compare", str(old), str(same)]) == 0
+    assert "0 regression(s)" in capsys.readouterr().out
+
+
+def test_compare_rejects_a_file_that_is_not_a_bench_run(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["bench", "--compare", str(bad), str(bad)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--preset", "nope"], "quick"),
+        (["--contenders", "mha-auto,bogus"], "mha-naive"),
+        (["--dtype", "fp16"], "bf16"),
+        (["--baseline", "bogus"], "torch-mha"),
+        (["--lengths", "0"], "positive"),
+        (["--lengths", "abc"], "positive"),
+        (["--lengths", "4194304"], "largest"),
+        (["--batch", "4096", "--lengths", "65536", "--head-dim", "256"], "memory budget"),
+        (["--repeats", "-1"], ">= 0"),
+        (["--passes", "sideways"], "fwd+bwd"),
+        (["--preset", "decode", "--contenders", "sdpa"], "mha-auto+cache"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("selfattn")
+    assert needle in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_usage_error(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "selfattn[bench]" in err
+
+
+def test_flop_formula():
+    full = Case(batch=2, heads=3, length=16, head_dim=8, causal=False, dtype="fp32")
+    causal = Case(batch=2, heads=3, length=16, head_dim=8, causal=True, dtype="fp32")
+    assert attention_flops(full, "fwd") == 4 * 2 * 3 * 16**2 * 8
+    assert attention_flops(causal, "fwd") == attention_flops(full, "fwd") / 2
+    assert attention_flops(full, "fwd+bwd") == 3.5 * attention_flops(full, "fwd")
+    d = 3 * 8
+    assert projection_flops(full, 4, "fwd") == 4 * 2 * 2 * 16 * d * d
+    assert projection_flops(full, 4, "fwd+bwd") == 3 * projection_flops(full, 4, "fwd")
+    assert layer_flops(causal, 3, "fwd") == attention_flops(causal, "fwd") + projection_flops(
+        causal, 3, "fwd"
+    )
+
+
+def test_extrapolation_follows_the_measured_growth():
+    assert _extrapolate([(128, 1.0)], 256) == pytest.approx(4.0)  # quadratic from one point
+    assert _extrapolate([(128, 1.0), (256, 2.0)], 512) == pytest.approx(4.0)  # linear so far
+
+
+class _Counting:
+    """Wraps a layer and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.fn(x)
+
+
+def test_a_wrong_contender_is_reported_and_never_timed():
+    counters = {}
+
+    def build_wrong(case, w, device):  # forgets the causal mask
+        def kernel(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+        m = ProjectedKernel(case, w, kernel).to(case.torch_dtype).eval()
+        counters["wrong"] = _Counting(m)
+        return Built(fn=counters["wrong"], module=m)
+
+    def build_crash(case, w, device):
+        raise RuntimeError("kaboom")
+
+    def build_skip(case, w, device):
+        raise SkipContender("not here")
+
+    config = BenchConfig(
+        preset="quick",
+        contenders=(
+            "mha-auto",
+            Contender("wrong", "forgets the causal mask", build_wrong),
+            Contender("crash", "raises", build_crash),
+            Contender("skip", "does not apply", build_skip),
+        ),
+        lengths=(64,),
+        repeats=2,
+        measure_memory=False,
+    )
+    results = run_benchmark(config)
+    by = {(m.contender, m.pass_): m for m in results.measurements}
+    for p in ("fwd", "fwd+bwd"):
+        wrong = by[("wrong", p)]
+        assert wrong.status == "wrong" and "WRONG" in wrong.reason
+        assert wrong.max_error > wrong.tolerance
+        assert wrong.samples_s == [] and wrong.median_s is None and wrong.ratio is None
+        assert by[("crash", p)].status == "error" and "kaboom" in by[("crash", p)].reason
+        assert by[("skip", p)].status == "skipped" and by[("skip", p)].reason == "not here"
+        ok = by[("mha-auto", p)]
+        assert ok.status == "ok" and len(ok.samples_s) == 2 and ok.ratio == 1.0
+    assert counters["wrong"].calls == 1  # the correctness check, and nothing after it
+
+
+def test_a_contender_over_the_time_budget_stops_for_longer_lengths():
+    config = BenchConfig(
+        preset="quick",
+        contenders=("mha-naive",),
+        lengths=(32, 64),
+        passes=("fwd",),
+        time_budget_s=1e-9,
+        measure_memory=False,
+    )
+    results = run_benchmark(config)
+    first, second = results.measurements
+    assert first.status == second.status == "stopped"
+    assert "budget" in first.reason and "budget" in second.reason
+
+
+def test_decode_preset_small(tmp_path):
+    config = BenchConfig(
+        preset="decode",
+        contenders=("mha-auto", "mha-auto+cache", "mha-naive+cache", "torch-mha"),
+        heads=(2,),
+        head_dim=(8,),
+        prompt=16,
+        new_tokens=12,
+        layers=2,
+        repeats=1,
+    )
+    results = run_benchmark(config)
+    by = {m.contender: m for m in results.measurements}
+    for m in by.values():
+        assert m.status == "ok", m
+        assert m.max_error <= m.tolerance and m.tokens_per_s > 0
+    assert by["mha-auto"].ratio == 1.0
+    assert by["mha-auto+cache"].extra["cache"] is True
+    write_json(results, tmp_path / "decode.json")
+    assert json.loads((tmp_path / "decode.json").read_text())["settings"]["kind"] == "decode"
