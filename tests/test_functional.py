@@ -159,6 +159,23 @@ def test_fully_masked_rows_give_zeros_and_zero_gradient(engine, mask_kind):
     assert (out[0, :, 3] != 0).any()
 
 
+def test_sdpa_adapter_handles_dead_rows_itself_where_the_kernel_does_not(monkeypatch):
+    """The path taken on CUDA (and on a PyTorch whose SDPA returns NaN on dead rows)."""
+    from selfattn.engines import sdpa
+
+    monkeypatch.setattr(sdpa, "SDPA_ZEROES_DEAD_ROWS", False)
+    test_fully_masked_rows_give_zeros_and_zero_gradient("sdpa", "bool")
+    test_fully_masked_rows_give_zeros_and_zero_gradient("sdpa", "float")
+    q, k, v = make_qkv(1, 2, 1, 9, 4, 16)
+    compare("sdpa", torch.float32, q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_single_query_decoding_step_sees_every_key(engine):
+    q, k, v = make_qkv(2, 4, 2, 1, 13, 16)
+    compare(engine, torch.float32, q, k, v, is_causal=True)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_causal_lq_greater_than_lk_has_dead_leading_rows(engine):
     q, k, v = (t.detach().float() for t in make_qkv(1, 1, 1, 6, 3, 8))

@@ -74,7 +74,6 @@ def register(engine: Engine) -> Engine:
 
 def get_engine(name: str) -> Engine:
     """Look an engine up by name; an unknown name is a ValueError listing the valid ones."""
-    _load_builtin()
     if name not in ENGINES:
         valid = ", ".join(repr(n) for n in [*ENGINES, "auto"])
         raise ValueError(f"unknown attention backend {name!r}; expected one of {valid}")
@@ -82,11 +81,8 @@ def get_engine(name: str) -> Engine:
 
 
 def available() -> list[str]:
-    _load_builtin()
     return [*ENGINES, "auto"]
 
 
-def _load_builtin() -> None:
-    if ENGINES:
-        return
-    from selfattn.engines import naive, sdpa, tiled  # noqa: F401  (they register themselves)
+# The built-in engines register themselves on import; they need the names above, so they come last.
+from selfattn.engines import naive, sdpa, tiled  # noqa: E402, F401

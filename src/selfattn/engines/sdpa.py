@@ -6,9 +6,11 @@ The adapter absorbs what SDPA does differently, so callers never see it:
   otherwise.
 - SDPA has no sliding window: the adapter builds the equivalent boolean mask (which costs
   Lq x Lk memory; the "tiled" engine skips those blocks instead).
-- Rows with no key to attend to: recent PyTorch returns zeros there with zero gradient. Whether
-  this PyTorch does is checked once at import; where it does not, the adapter lets such rows see
-  one key and zeroes their output afterwards.
+- Rows with no key to attend to: recent PyTorch on CPU returns zeros there with zero gradient
+  (checked once at import). Elsewhere, and on a PyTorch that does not, the adapter lets such
+  rows see one key and zeroes their output afterwards. (Seen on an H200: bf16 SDPA with a mask
+  returned wrong values on fully masked rows.)
+- One query under causal masking (decoding one token with a KV cache) sees every key: no mask.
 SDPA returns neither the weights nor the log-sum-exp, so requests that need them go elsewhere.
 """
 
@@ -50,14 +52,18 @@ def _merge_masks(request: AttentionRequest, lq: int, lk: int, device) -> Tensor 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest) -> EngineOutput:
     lq, lk = q.shape[-2], k.shape[-2]
-    plain_causal = request.is_causal and request.window is None and lq == lk
-    if plain_causal and request.attn_mask is None:
+    plain_causal = request.is_causal and request.window is None and request.attn_mask is None
+    if plain_causal and lq == lk:
         mask, is_causal = None, True  # SDPA's own causal path: no mask materialised
+    elif plain_causal and lq == 1:
+        mask, is_causal = None, False  # one new token (decoding) sees every key: no mask
     else:
         mask, is_causal = _merge_masks(request, lq, lk, q.device), False
 
     dead = None
-    if mask is not None and not SDPA_ZEROES_DEAD_ROWS:
+    if mask is not None and (q.device.type != "cpu" or not SDPA_ZEROES_DEAD_ROWS):
+        # Rows with no key: CUDA kernels (e.g. memory-efficient attention in bf16) return
+        # garbage there. Let such rows see key 0, then zero them: finite, zero gradient.
         keep = mask if mask.dtype == torch.bool else mask > float("-inf")
         dead = ~keep.any(dim=-1, keepdim=True)  # (..., Lq, 1)
         first_key = torch.zeros_like(keep)
