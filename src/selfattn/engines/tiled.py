@@ -10,21 +10,26 @@ FlashAttention-2, Dao 2023, https://arxiv.org/abs/2307.08691)::
         for each key block K_j, V_j the masks leave visible:
             S    = scale * Q_i K_j^T  (+ mask)         (bq, bk): the only tile in memory
             m'   = max(m, rowmax(S))
-            P    = exp(S - m')
+            P    = exp(S - m')                         (m' = -inf: shift by 0, never -inf - -inf)
             l    = exp(m - m') * l   + rowsum(P)
             acc  = exp(m - m') * acc + P V_j           (dropout: P -> P * keep / (1 - p))
             m    = m'
-        O_i = acc / l,   lse_i = m + log(l)
+        O_i = acc / l,   lse_i = m + log(l)           (l = 0, no visible key: O_i = 0, lse = -inf)
+
+The code keeps scores in base 2 (``exp2``, about 4x faster than ``exp`` on CPU) and works in
+place on one reused tile buffer; the maths is the above.
 
 The backward pass (FlashAttention-2) saves only q, k, v, O and lse, and recomputes each tile:
 ``P = exp(S - lse)``, ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - D)`` with
-``D = rowsum(dO * O)``, ``dQ += scale * dS K``, ``dK += scale * dS^T Q``. Extra memory is
+``D = rowsum(dO * O)``, ``dQ += scale * dS K``, ``dK += scale * dS^T Q`` (and, for a float
+``attn_mask`` that requires grad, ``dMask = dS`` summed over its broadcast dims). Extra memory is
 O((Lq + Lk) * E) plus a few (bq, bk) tiles, in both directions.
 
 Where the speed comes from: with ``is_causal`` (and ``window``), a tile the mask rules out entirely
 is skipped (`selfattn.masks.block_is_empty`), and a tile the mask keeps entirely is computed with
 no mask at all (`selfattn.masks.block_is_full`); only tiles on the mask's edge are masked. Causal
-attention thus does about half the work, and a sliding window of W keys about (W + bk) / Lk of it.
+attention thus does about half the work, and a sliding window of W keys roughly
+(W + bq + bk) / Lk of it.
 
 Alignment: ``is_causal`` is bottom-right (query i sees keys j <= i + Lk - Lq), as in all of
 selfattn. Rows that see no key (Lq > Lk causal, or a fully masked row) return zeros, lse = -inf
@@ -51,11 +56,19 @@ from torch import Tensor
 from selfattn.engines import AttentionRequest, Engine, EngineOutput, register
 from selfattn.masks import block_is_empty, block_is_full
 
-# Chosen by timing on a 2-core AMD EPYC (fp32, E=64): see benchmarks/engines.py.
+# Default tile: 256 queries x 512 keys. Timed on a 2-core AMD EPYC (fp32, E=64, forward, H=8,
+# L=4096): (256, 512), (512, 512) and (256, 1024) were within noise of each other and ~10% faster
+# than (128, 512) or (256, 256); smaller tiles spend more per tile on Python and small matmuls,
+# larger ones fall out of cache. Of the fast ones, (256, 512) skips the most causal/window work.
+# See benchmarks/engines.py.
 BLOCK_Q = 256
 BLOCK_K = 512
 
 _NEG_INF = float("-inf")
+# Scores are kept in base 2 (s * log2(e)) so the kernels can use exp2, about 4x faster than exp
+# on CPU (torch 2.13): exp(x) = exp2(x * LOG2E). LOG2E is folded into q's scale: no extra pass.
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 
 
 def tiled_attention(
@@ -115,10 +128,11 @@ class _TiledAttention(torch.autograd.Function):
         prob = _Problem.build(
             q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed
         )
-        out, lse = _forward(prob, *_to_blocks(prob, q, k, v), bq, bk)  # (N,G,Lq,Ev), (N,G,Lq)
-        out = out.view(prob.out_shape).to(q.dtype)  # (B, Hq, Lq, Ev)
-        lse = lse.view(prob.out_shape[:-1])  # (B, Hq, Lq)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        out_c, lse = _forward(prob, *_to_blocks(prob, q, k, v), bq, bk)  # (B,Hq,Lq,Ev), (B,Hq,Lq)
+        out = out_c.to(q.dtype)  # (B, Hq, Lq, Ev)
+        # O is kept in the compute dtype (the same tensor for fp32/fp64): D = rowsum(dO * O) from
+        # a bf16-rounded O would not cancel dP exactly, which shows in dK at short Lk.
+        ctx.save_for_backward(q, k, v, out_c, lse, attn_mask)
         ctx.args = (mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -131,12 +145,13 @@ class _TiledAttention(torch.autograd.Function):
             q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed
         )
         if dout is None:
-            dout = torch.zeros_like(out)
+            dout = torch.zeros(prob.out_shape, dtype=q.dtype, device=q.device)
         qb, kb, vb = _to_blocks(prob, q, k, v)
         n, g, lq = qb.shape[:3]
-        dout_b = dout.reshape(n, g, lq, -1).to(prob.dtype)  # (N, G, Lq, Ev)
-        out_b = out.reshape(n, g, lq, -1).to(prob.dtype)  # (N, G, Lq, Ev)
-        lse_b = lse.reshape(n, g, lq)  # (N, G, Lq)
+        ev = out.shape[-1]
+        out_b = out.view(n, g, lq, ev)  # (B, Hq, Lq, Ev) -> (N, G, Lq, Ev)
+        dout_b = dout.reshape(n, g, lq, ev).to(prob.dtype)  # (N, G, Lq, Ev)
+        lse_b = lse.view(n, g, lq)  # (N, G, Lq)
         dlse_b = None if dlse is None else dlse.reshape(n, g, lq).to(prob.dtype)
         dq, dk, dv, dmask = _backward(
             prob, qb, kb, vb, out_b, lse_b, dout_b, dlse_b, mask_grad, bq, bk
@@ -195,9 +210,10 @@ class _Problem:
 def _to_blocks(prob: _Problem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel layout, in the compute dtype (no copy for contiguous fp32/fp64 inputs)."""
     n = prob.b * prob.hkv
-    qb = q.to(prob.dtype).reshape(n, prob.g, prob.lq, -1)  # (B, Hq, Lq, E) -> (N, G, Lq, E)
-    kb = k.to(prob.dtype).reshape(n, prob.lk, -1)  # (B, Hkv, Lk, E) -> (N, Lk, E)
-    vb = v.to(prob.dtype).reshape(n, prob.lk, -1)  # (B, Hkv, Lk, Ev) -> (N, Lk, Ev)
+    e, ev = k.shape[-1], v.shape[-1]
+    qb = q.to(prob.dtype).reshape(n, prob.g, prob.lq, e)  # (B, Hq, Lq, E) -> (N, G, Lq, E)
+    kb = k.to(prob.dtype).reshape(n, prob.lk, e)  # (B, Hkv, Lk, E) -> (N, Lk, E)
+    vb = v.to(prob.dtype).reshape(n, prob.lk, ev)  # (B, Hkv, Lk, Ev) -> (N, Lk, Ev)
     return qb, kb, vb
 
 
@@ -248,22 +264,39 @@ def _mask_block(prob: _Problem, qs: int, qe: int, ks: int, ke: int) -> Tensor | 
     return m
 
 
-def _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, drops) -> Tensor:
-    """Scaled, masked scores of one tile, (N, R, bk), -inf where masked."""
-    s = torch.matmul(q_blk, k_blk.transpose(1, 2))  # (N, R, E) x (N, E, bk) -> (N, R, bk)
+class _Scratch:
+    """Tile buffers reused across blocks: a fresh multi-MB tile per block costs page faults that
+    show in the timings (about 20% of the forward at L=4096). Also caches the causal edge masks."""
+
+    def __init__(self, like: Tensor, prob: _Problem, bq: int, bk: int, count: int):
+        size = like.shape[0] * prob.g * min(bq, prob.lq) * min(bk, prob.lk)
+        self.buffers = [like.new_empty(size) for _ in range(count)]
+        self.drops: dict[tuple[int, int, int], Tensor] = {}
+
+    def tile(self, i: int, shape: tuple[int, int, int]) -> Tensor:
+        return self.buffers[i][: math.prod(shape)].view(shape)
+
+
+def _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, scratch: _Scratch) -> Tensor:
+    """Scaled, masked base-2 scores of one tile, (N, R, bk), -inf where masked.
+
+    ``q_blk`` already carries scale * LOG2E; a float mask is converted to base 2 as it is added.
+    """
     bq, bk = qe - qs, ke - ks
+    s = scratch.tile(0, (q_blk.shape[0], q_blk.shape[1], bk))
+    torch.bmm(q_blk, k_blk.transpose(1, 2), out=s)  # (N, R, E) x (N, E, bk) -> (N, R, bk)
     user = _mask_block(prob, qs, qe, ks, ke)
     if user is not None:
         s5 = s.view(prob.b, prob.hkv, prob.g, bq, bk)  # (B, Hkv, G, bq, bk) view
         if user.dtype == torch.bool:
             s5.masked_fill_(user, _NEG_INF)
         else:
-            s5.add_(user)
+            s5.add_(user, alpha=LOG2E)
     if not full:
         key = (bq, bk, qs - ks)  # tiles on the same diagonal share one mask
-        if key not in drops:
-            drops[key] = _causal_drop(qs, qe, ks, ke, prob, s.device)
-        s.view(-1, prob.g, bq, bk).masked_fill_(drops[key], _NEG_INF)  # (N, G, bq, bk) view
+        if key not in scratch.drops:
+            scratch.drops[key] = _causal_drop(qs, qe, ks, ke, prob, s.device)
+        s.view(-1, prob.g, bq, bk).masked_fill_(scratch.drops[key], _NEG_INF)  # (N, G, bq, bk) view
     return s
 
 
@@ -304,39 +337,41 @@ def dropout_keep_mask(
 
 
 def _forward(prob: _Problem, q, k, v, bq: int, bk: int) -> tuple[Tensor, Tensor]:
-    """q (N, G, Lq, E), k (N, Lk, E), v (N, Lk, Ev) -> out (N, G, Lq, Ev), lse (N, G, Lq)."""
+    """q (N, G, Lq, E), k (N, Lk, E), v (N, Lk, Ev) -> out (B, Hq, Lq, Ev), lse (B, Hq, Lq)."""
     n, g, lq, _ = q.shape
     ev = v.shape[-1]
-    out = q.new_empty(n, g, lq, ev)
-    lse = q.new_empty(n, g, lq)
+    out_bhle = q.new_empty(prob.out_shape)  # (B, Hq, Lq, Ev): allocated in the caller's shape
+    lse_bhl = q.new_empty(prob.out_shape[:-1])  # (B, Hq, Lq)  so neither is returned as a view
+    out = out_bhle.view(n, g, lq, ev)  # (N, G, Lq, Ev) view
+    lse = lse_bhl.view(n, g, lq)  # (N, G, Lq) view
     p_drop = prob.dropout_p
     keep_scale = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
-    drops: dict = {}
+    scratch = _Scratch(q, prob, bq, bk, count=1)
     for qi, qs, qe, visits in _plan(prob, bq, bk):
         rows = g * (qe - qs)
-        q_blk = _rows(q, qs, qe) * prob.scale  # (N, R, E), scale folded into q
-        m = q.new_full((n, rows), _NEG_INF)  # running row max
-        l = q.new_zeros(n, rows)  # running sum of exp(s - m)
+        q_blk = _rows(q, qs, qe) * (prob.scale * LOG2E)  # (N, R, E): base-2 scores from here
+        m = q.new_full((n, rows), _NEG_INF)  # running row max (base 2)
+        l = q.new_zeros(n, rows)  # running sum of exp2(s - m)
         acc = q.new_zeros(n, rows, ev)  # running unnormalised output
         for ki, ks, ke, full in visits:
-            s = _score_tile(prob, q_blk, k[:, ks:ke], qs, qe, ks, ke, full, drops)  # (N, R, bk)
+            s = _score_tile(prob, q_blk, k[:, ks:ke], qs, qe, ks, ke, full, scratch)  # (N,R,bk)
             m_new = torch.maximum(m, s.amax(dim=-1))  # (N, R)
             # A row with nothing visible yet has m_new = -inf: shift it by 0, not by -inf, so
-            # that exp(-inf - (-inf)) = NaN never happens (its p stays exactly 0).
+            # that exp2(-inf - (-inf)) = NaN never happens (its p stays exactly 0).
             shift = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # (N, R)
-            alpha = torch.exp(m - shift)  # (N, R), rescales what was accumulated so far
-            p = s.sub_(shift.unsqueeze(-1)).exp_()  # (N, R, bk), in place over s
+            alpha = torch.exp2(m - shift)  # (N, R), rescales what was accumulated so far
+            p = s.sub_(shift.unsqueeze(-1)).exp2_()  # (N, R, bk), in place over s
             l.mul_(alpha).add_(p.sum(dim=-1))
             if p_drop > 0.0:
                 keep = _dropout_keep(prob.seed, qi, ki, p.shape, 1.0 - p_drop, p.device)
                 p.mul_(keep).mul_(keep_scale)  # the normaliser l saw the weights before dropout
             acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, v[:, ks:ke])  # += (N,R,bk) x (N,bk,Ev)
             m = m_new
-        # Rows that saw no key: l = 0 and acc = 0, so out = 0 and lse = -inf + log 0 = -inf.
+        # Rows that saw no key: l = 0 and acc = 0, so out = 0 and lse = -inf + log2 0 = -inf.
         out_blk = acc / l.masked_fill(l == 0.0, 1.0).unsqueeze(-1)  # (N, R, Ev)
         out[:, :, qs:qe] = out_blk.view(n, g, qe - qs, ev)
-        lse[:, :, qs:qe] = (m + l.log()).view(n, g, qe - qs)
-    return out, lse
+        lse[:, :, qs:qe] = ((m + l.log2()) * LN2).view(n, g, qe - qs)  # natural log again
+    return out_bhle, lse_bhl
 
 
 def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq: int, bk: int):
@@ -346,33 +381,40 @@ def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq
     d = (dout * out).sum(dim=-1)  # (N, G, Lq)
     if dlse is not None:
         d = d - dlse
-    lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # dead rows: p = exp(s - inf) = 0
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    lse2 = lse.masked_fill(lse == _NEG_INF, float("inf")) * LOG2E  # dead rows: p = exp2(-inf)
+    dq = torch.empty_like(q)  # (N, G, Lq, E)
+    # dK and dV accumulate per key block in contiguous pieces: baddbmm_ into a strided slice of
+    # one (N, Lk, E) tensor falls back to a slow per-batch loop.
+    starts = range(0, prob.lk, bk)
+    dk_parts = [k.new_zeros(n, min(ks + bk, prob.lk) - ks, k.shape[-1]) for ks in starts]
+    dv_parts = [v.new_zeros(n, min(ks + bk, prob.lk) - ks, v.shape[-1]) for ks in starts]
     dmask5 = q.new_zeros(prob.mask5.shape) if mask_grad else None
     p_drop = prob.dropout_p
     keep_scale = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
-    drops: dict = {}
+    scratch = _Scratch(q, prob, bq, bk, count=2)
     for qi, qs, qe, visits in _plan(prob, bq, bk):
-        q_blk = _rows(q, qs, qe) * prob.scale  # (N, R, E)
+        q_blk = _rows(q, qs, qe) * (prob.scale * LOG2E)  # (N, R, E), as in forward
         do_blk = _rows(dout, qs, qe)  # (N, R, Ev)
-        lse_blk = _rows(lse, qs, qe).unsqueeze(-1)  # (N, R, 1)
+        lse_blk = _rows(lse2, qs, qe).unsqueeze(-1)  # (N, R, 1), base 2
         d_blk = _rows(d, qs, qe).unsqueeze(-1)  # (N, R, 1)
         dq_blk = torch.zeros_like(q_blk)  # (N, R, E)
         for ki, ks, ke, full in visits:
             k_blk, v_blk = k[:, ks:ke], v[:, ks:ke]  # (N, bk, E), (N, bk, Ev)
-            s = _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, drops)  # (N, R, bk)
-            p = s.sub_(lse_blk).exp_()  # (N, R, bk): the forward's weights, recomputed
-            dp = torch.matmul(do_blk, v_blk.transpose(1, 2))  # (N,R,Ev) x (N,Ev,bk) -> (N,R,bk)
+            s = _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, scratch)  # (N, R, bk)
+            p = s.sub_(lse_blk).exp2_()  # (N, R, bk): the forward's weights, recomputed
+            dp = scratch.tile(1, s.shape)
+            torch.bmm(do_blk, v_blk.transpose(1, 2), out=dp)  # (N,R,Ev) x (N,Ev,bk) -> (N,R,bk)
             if p_drop > 0.0:
                 keep = _dropout_keep(prob.seed, qi, ki, p.shape, 1.0 - p_drop, p.device)
                 p_kept = p * keep * keep_scale  # (N, R, bk), what multiplied V in forward
                 dp.mul_(keep).mul_(keep_scale)  # gradient reaching the weights before dropout
             else:
                 p_kept = p
-            dv[:, ks:ke].baddbmm_(p_kept.transpose(1, 2), do_blk)  # += (N,bk,R) x (N,R,Ev)
+            dv_parts[ki].baddbmm_(p_kept.transpose(1, 2), do_blk)  # += (N,bk,R) x (N,R,Ev)
             ds = dp.sub_(d_blk).mul_(p)  # dS = P * (dP - D), (N, R, bk), in place over dp
             dq_blk.baddbmm_(ds, k_blk)  # += (N, R, bk) x (N, bk, E)
-            dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), q_blk)  # += (N, bk, R) x (N, R, E)
+            # q_blk carries scale * LOG2E; alpha=LN2 leaves scale: dK += scale * dS^T Q
+            dk_parts[ki].baddbmm_(ds.transpose(1, 2), q_blk, alpha=LN2)  # (N,bk,R) x (N,R,E)
             if dmask5 is not None:  # d(loss)/d(mask) = dS, summed over the mask's broadcast dims
                 ds5 = ds.view(prob.b, prob.hkv, g, qe - qs, ke - ks)
                 dims = [i for i in range(5) if dmask5.shape[i] == 1 and ds5.shape[i] != 1]
@@ -380,7 +422,9 @@ def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq
                 qsl = slice(qs, qe) if dmask5.shape[3] != 1 else slice(None)
                 ksl = slice(ks, ke) if dmask5.shape[4] != 1 else slice(None)
                 dmask5[:, :, :, qsl, ksl] += ds5
-        dq[:, :, qs:qe] = dq_blk.mul_(prob.scale).view(n, g, qe - qs, -1)
+        dq[:, :, qs:qe] = dq_blk.mul_(prob.scale).view(n, g, qe - qs, q.shape[-1])
+    dk = torch.cat(dk_parts, dim=1) if dk_parts else torch.zeros_like(k)  # (N, Lk, E)
+    dv = torch.cat(dv_parts, dim=1) if dv_parts else torch.zeros_like(v)  # (N, Lk, Ev)
     return dq, dk, dv, dmask5
 
 
@@ -427,7 +471,9 @@ def _check(q, k, v, attn_mask, is_causal, window, dropout_p, block_q, block_k) -
         raise ValueError(f"block sizes must be positive, got block_q={block_q} block_k={block_k}")
 
 
-def tiled_attention_engine(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest):
+def tiled_attention_engine(
+    q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest
+) -> EngineOutput:
     """Engine adapter: `tiled_attention` with the request's options and default block sizes."""
     out, lse = tiled_attention(
         q,
