@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from selfattn._argtypes import non_negative_int, positive_int
 from selfattn._extras import MissingExtra
 
 EXIT_USAGE = 2
@@ -24,26 +25,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own: usage + message over two lines
         raise UsageError(f"{self.prog}: error: {message}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,24 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--d-out",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="output width (default: 2; 64 with --text)",
     )
     ex.add_argument(
-        "--heads", type=_positive_int, default=2, help="heads for multi-head modules (default: 2)"
+        "--heads", type=positive_int, default=2, help="heads for multi-head modules (default: 2)"
     )
     ex.add_argument(
-        "--layer", type=_non_negative_int, default=0, help="which layer, for --model (default: 0)"
+        "--layer", type=non_negative_int, default=0, help="which layer, for --model (default: 0)"
     )
     ex.add_argument(
         "--head",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         help="show one head only (default: every head; head 0 for --model's walkthrough and JSON)",
     )
     ex.add_argument(
-        "--precision", type=_non_negative_int, default=4, help="decimals shown (default: 4)"
+        "--precision", type=non_negative_int, default=4, help="decimals shown (default: 4)"
     )
     ex.add_argument("--json", action="store_true", help="print the run as JSON instead")
     ex.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfattn._argtypes import non_negative_int, positive_float
 from selfattn.bench.presets import PRESETS
 
 
@@ -40,26 +41,6 @@ def _name_list(text: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 _CAUSAL = {"yes": (True,), "no": (False,), "both": (True, False)}
@@ -102,27 +83,27 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="dtypes (default: fp32 on CPU, bf16 on CUDA)",
     )
     add("--passes", type=_name_list, metavar="fwd[,fwd+bwd]", help="which passes to time")
-    add("--repeats", type=_count, help="timed repeats per contender and pass")
-    add("--warmup", type=_count, help="untimed calls before the repeats")
+    add("--repeats", type=non_negative_int, help="timed repeats per contender and pass")
+    add("--warmup", type=non_negative_int, help="untimed calls before the repeats")
     add(
         "--time-budget",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="a contender stops at the length where one call would take longer",
     )
     add(
         "--memory-budget",
-        type=_positive_float,
+        type=positive_float,
         metavar="GIB",
         help="a contender stops at the length where it would need more (default: a quarter of "
         "RAM on a CPU, 60%% of GPU memory)",
     )
     add("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    add("--threads", type=_count, help="torch.set_num_threads before running")
+    add("--threads", type=non_negative_int, help="torch.set_num_threads before running")
     add("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
-    add("--prompt", type=_count, help="decode preset: prompt length (default: 512)")
-    add("--new-tokens", type=_count, help="decode preset: tokens generated (default: 256)")
-    add("--layers", type=_count, help="decode preset: attention layers (default: 2)")
+    add("--prompt", type=non_negative_int, help="decode preset: prompt length (default: 512)")
+    add("--new-tokens", type=non_negative_int, help="decode preset: new tokens (default: 256)")
+    add("--layers", type=non_negative_int, help="decode preset: attention layers (default: 2)")
     add("--json", metavar="FILE", help="write every figure and the environment to FILE")
     add("--plot", metavar="FILE.png", help="draw time and memory per contender (needs matplotlib)")
     add(
