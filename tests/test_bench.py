@@ -112,6 +112,11 @@ def test_compare_flags_an_injected_regression(tmp_path, capsys):
     assert "0 regression(s)" in capsys.readouterr().out
 
 
+def test_compare_refuses_runs_of_different_presets(capsys):
+    assert main(["bench", "--compare", "docs/bench/book.json", "docs/bench/decode.json"]) == 2
+    assert "different presets" in capsys.readouterr().err
+
+
 def test_compare_rejects_a_file_that_is_not_a_bench_run(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
@@ -130,7 +135,7 @@ def test_compare_rejects_a_file_that_is_not_a_bench_run(tmp_path, capsys):
         (["--lengths", "abc"], "positive"),
         (["--lengths", "4194304"], "largest"),
         (["--batch", "4096", "--lengths", "65536", "--head-dim", "256"], "memory budget"),
-        (["--repeats", "-1"], ">= 0"),
+        (["--repeats", "-1"], "positive integer"),
         (["--passes", "sideways"], "fwd+bwd"),
         (["--preset", "decode", "--contenders", "sdpa"], "mha-auto+cache"),
     ],

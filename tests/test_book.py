@@ -165,9 +165,9 @@ def test_larger_mha_matches_book_code_forward_and_gradients(engine):
     g = torch.randn(expected.shape, dtype=torch.float64)
     expected.backward(g)
     out.backward(g.float())
-    assert_close(x.grad, x64.grad, torch.float32, atol=1e-4)
+    assert_close(x.grad, x64.grad, torch.float32, grad=True)
     for (name, p64), p in zip(book.named_parameters(), mine.parameters(), strict=True):
-        assert_close(p.grad, p64.grad, torch.float32, atol=1e-4, msg=name)
+        assert_close(p.grad, p64.grad, torch.float32, grad=True, msg=name)
 
 
 def test_dropout_on_in_training_off_in_eval():
@@ -261,8 +261,8 @@ def test_full_cache_is_an_error():
         with pytest.raises(ValueError, match=r"6 cached \+ 3 new.*context_length=8"):
             mha(torch.randn(1, 3, 4), use_cache=True)
         mha(torch.randn(1, 2, 4), use_cache=True)  # exactly full is fine
-    with pytest.raises(ValueError, match="batch of 1, got 2"):
-        mha(torch.randn(2, 1, 4), use_cache=True)
+        with pytest.raises(ValueError, match="batch of 1, got 2"):
+            mha(torch.randn(2, 1, 4), use_cache=True)
 
 
 def test_cache_is_not_in_state_dict():
@@ -315,3 +315,19 @@ def test_deep_copy_and_unbatched_input():
     x = torch.randn(5, 4)
     torch.testing.assert_close(mha(x), mha(x[None])[0])
     torch.testing.assert_close(copy.deepcopy(mha)(x), mha(x))
+
+
+def test_wrapper_trace_records_its_own_output():
+    from selfattn import trace
+
+    torch.manual_seed(123)
+    wrapper = MultiHeadAttentionWrapper(3, 2, 6, 0.0, 2)
+    tr = trace(wrapper, example_inputs())
+    assert tr.num_heads == 2
+    torch.testing.assert_close(tr.steps["output"], wrapper(example_inputs()).detach())
+
+
+def test_kv_cache_with_autograd_is_a_clear_error():
+    mha = MultiHeadAttention(4, 4, 8, 0.0, 1)
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\)"):
+        mha(torch.randn(1, 3, 4), use_cache=True)

@@ -152,3 +152,53 @@ def test_console_script_and_module_entry_points():
         check=True,
     )
     assert json.loads(good.stdout)["tokens"][0] == "Your"
+
+
+def test_wrapper_trace_output_is_the_concatenated_heads(capsys):
+    data = run_json(capsys, "--module", "wrapper", "--heads", "2")
+    steps = steps_of(data)
+    assert steps["output"]["shape"] == [6, 4]
+    torch.testing.assert_close(
+        torch.tensor(steps["output"]["values"]),
+        torch.cat([torch.tensor(h) for h in steps["context"]["values"]], dim=-1),
+    )
+
+
+def test_no_color_means_no_escape_codes_even_on_a_terminal(monkeypatch):
+    import io
+
+    from selfattn.explain import explain_example
+    from selfattn.explain.terminal import make_console, render_walkthrough
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    buffer = io.StringIO()
+    console = make_console(file=buffer, width=100, force_terminal=True)
+    render_walkthrough(explain_example("causal"), console)
+    assert "\x1b[" not in buffer.getvalue()
+    assert "█" in buffer.getvalue() or "▓" in buffer.getvalue()  # the heatmap is still there
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["explain", "--png", "/proc/nope.png"], "cannot write --png /proc/nope.png"),
+        (["explain", "--html", "/no/such/dir/x.html"], "no such directory /no/such/dir"),
+        (["explain", "--seed", "99999999999999999999999"], "seed in [0, 2**64)"),
+        (["bench", "--json", "/proc/out.json"], "cannot write --json /proc/out.json"),
+        (["bench", "--repeats", "0"], "positive integer"),
+    ],
+)
+def test_bad_paths_and_numbers_fail_before_any_work(capsys, args, needle):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_writable_check_leaves_no_file_behind(tmp_path, capsys):
+    from selfattn._argtypes import check_writable
+
+    target = tmp_path / "x.png"
+    check_writable("--png", str(target))
+    assert not target.exists()
+    with pytest.raises(ValueError, match="is a directory"):
+        check_writable("--png", str(tmp_path))

@@ -248,7 +248,7 @@ def test_trace_minilm_has_every_layer_and_head():
         assert tr.module == "MultiHeadAttention"
         assert tr.tokens == tokens
         assert tr.num_heads == 12 and tr.d_k == 32
-        assert not tr.causal  # an encoder: everything visible
+        assert not tr.masked  # an encoder: everything visible
         weights = tr.steps["weights"]  # (12, L, L)
         assert weights.shape == (12, len(tokens), len(tokens))
         torch.testing.assert_close(weights.sum(-1), torch.ones(12, len(tokens)))

@@ -338,7 +338,7 @@ def test_cli_minilm_json_is_the_layers_head(capsys):
     expected = trace_minilm(text)[4].steps["weights"][7]  # (L, L)
     torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
     assert main(["explain", "--model", "minilm", "--text", text, "--layer", "6"]) == 2
-    assert "valid layers are 0..5" in capsys.readouterr().err
+    assert "has layers 0..5" in capsys.readouterr().err
 
 
 def test_walkthrough_prints_tokens_as_text_not_markup():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def positive_int(text: str) -> int:
@@ -31,3 +32,32 @@ def _int_at_least(text: str, minimum: int, expected: str) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def seed(text: str) -> int:
+    """A ``torch.manual_seed`` value: an integer in [0, 2**64)."""
+    value = _int_at_least(text, 0, "a seed in [0, 2**64)")
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {value}")
+    return value
+
+
+def check_writable(flag: str, path: str) -> None:
+    """Fail before any work when ``path`` cannot be written, naming the flag and the path.
+
+    The file is opened for appending (nothing is truncated); a file created by the check is
+    removed again.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {flag} {path}: it is a directory")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {flag} {path}: no such directory {folder}")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {flag} {path}: {err.strerror}") from None
+    if not existed:
+        os.remove(path)

@@ -109,7 +109,9 @@ class MultiHeadAttentionWrapper(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([head(x) for head in self.heads], dim=-1)  # (..., L, d_out * H)
+        out = torch.cat([head(x) for head in self.heads], dim=-1)  # (..., L, d_out * H)
+        record("output", out)  # after the heads' own records: the trace keeps this one
+        return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -224,6 +226,12 @@ class MultiHeadAttention(nn.Module):
         return out
 
     def _append_to_cache(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if k.requires_grad:
+            raise ValueError(
+                "use_cache=True is for inference: decode under torch.no_grad() (or "
+                "torch.inference_mode()); a cache written by one step cannot be backpropagated "
+                "through by the next"
+            )
         batch, new = k.shape[0], k.shape[-2]
         if self.cache_k is None:
             shape = (batch, self.num_kv_heads, self.context_length, self.head_dim)

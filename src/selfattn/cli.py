@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from selfattn._argtypes import non_negative_int, positive_int
+from selfattn._argtypes import check_writable, non_negative_int, positive_int, seed
 from selfattn._extras import MissingExtra
 
 EXIT_USAGE = 2
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--truncate", action="store_true", help="cut text past the model's 512 tokens")
     ex.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=None,
         help="torch.manual_seed before building it (default: 123; 789 for v2)",
     )
@@ -119,11 +119,17 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     for flag, path in (("--png", args.png), ("--html", args.html)):
         if path is not None:
-            _check_writable(flag, path)
+            check_writable(flag, path)
     if args.png is not None:
         from selfattn._extras import require
 
         require("matplotlib", "plot", "--png")
+    if args.model == "minilm":  # before the model runs: its sizes are known
+        from selfattn.text import check_head, check_layer
+
+        check_layer(args.layer)
+        if args.head is not None:
+            check_head(args.head)
 
     traces = explain_traces(
         module=args.module,
@@ -163,19 +169,6 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(flag: str, path: str) -> None:
-    """Fail before any work when ``path`` can't be written: a directory, or no such folder."""
-    import os
-
-    folder = os.path.dirname(path) or "."
-    if os.path.isdir(path):
-        raise ValueError(f"cannot write {flag} {path}: it is a directory")
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {flag} {path}: no such directory {folder}")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write {flag} {path}: permission denied")
-
-
 def _check_index(flag: str, value: int, count: int, what: str) -> None:
     if not 0 <= value < count:
         valid = f"there is only {what[:-1]} 0" if count == 1 else f"valid {what} are 0..{count - 1}"
@@ -196,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, OSError, KeyError, MissingExtra) as err:
+    except (ValueError, TypeError, OSError, MissingExtra) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"selfattn: error: {message}", file=sys.stderr)
         return EXIT_USAGE

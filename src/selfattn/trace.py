@@ -64,7 +64,8 @@ class Trace:
         return 1.0 / math.sqrt(self.d_k)
 
     @property
-    def causal(self) -> bool:
+    def masked(self) -> bool:
+        """Whether any query is kept from any key (causal, window or padding masks)."""
         return not bool(self.steps["mask"].all())
 
     def step_names(self) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfattn._argtypes import non_negative_int, positive_float
+from selfattn._argtypes import check_writable, non_negative_int, positive_float, positive_int
 from selfattn.bench.presets import PRESETS
 
 
@@ -83,7 +83,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="dtypes (default: fp32 on CPU, bf16 on CUDA)",
     )
     add("--passes", type=_name_list, metavar="fwd[,fwd+bwd]", help="which passes to time")
-    add("--repeats", type=non_negative_int, help="timed repeats per contender and pass")
+    add("--repeats", type=positive_int, help="timed repeats per contender and pass")
     add("--warmup", type=non_negative_int, help="untimed calls before the repeats")
     add(
         "--time-budget",
@@ -99,11 +99,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "RAM on a CPU, 60%% of GPU memory)",
     )
     add("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    add("--threads", type=non_negative_int, help="torch.set_num_threads before running")
+    add("--threads", type=positive_int, help="torch.set_num_threads before running")
     add("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
-    add("--prompt", type=non_negative_int, help="decode preset: prompt length (default: 512)")
-    add("--new-tokens", type=non_negative_int, help="decode preset: new tokens (default: 256)")
-    add("--layers", type=non_negative_int, help="decode preset: attention layers (default: 2)")
+    add("--prompt", type=positive_int, help="decode preset: prompt length (default: 512)")
+    add("--new-tokens", type=positive_int, help="decode preset: new tokens (default: 256)")
+    add("--layers", type=positive_int, help="decode preset: attention layers (default: 2)")
     add("--json", metavar="FILE", help="write every figure and the environment to FILE")
     add("--plot", metavar="FILE.png", help="draw time and memory per contender (needs matplotlib)")
     add(
@@ -118,7 +118,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from rich.console import Console
 
@@ -135,12 +134,9 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.plot:
         report.check_plot_available()
-    for path in (args.json, args.plot):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"cannot write {path}: no directory {Path(path).parent}")
-    zero = [n for n in ("prompt", "new_tokens", "layers", "threads") if getattr(args, n) == 0]
-    if zero:
-        raise ValueError(f"--{zero[0].replace('_', '-')} must be >= 1")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(flag, path)
     config = BenchConfig(
         preset=args.preset,
         contenders=args.contenders,

@@ -273,6 +273,12 @@ def compare(old: Results, new: Results, console: Console, threshold: float = 0.1
     A change is flagged only beyond noise: the new median is more than ``threshold`` slower
     (or faster) AND the two runs' interquartile ranges do not overlap.
     """
+    kinds = [(r.settings.get("preset"), r.settings.get("device")) for r in (old, new)]
+    if kinds[0] != kinds[1]:
+        raise ValueError(
+            "cannot compare runs of different presets or devices: "
+            f"{kinds[0][0]} on {kinds[0][1]} vs {kinds[1][0]} on {kinds[1][1]}"
+        )
     before = {(m.label, m.contender, m.pass_): m for m in old.measurements}
     table = Table(title="selfattn bench: changes (new vs old)", title_justify="left")
     for col, justify in (

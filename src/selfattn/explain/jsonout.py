@@ -19,7 +19,7 @@ from selfattn.trace import Trace
 def visible_steps(tr: Trace) -> list[str]:
     """The steps worth showing for this trace, in computation order."""
     names = tr.step_names()
-    if not tr.causal and "mask" in names:
+    if not tr.masked and "mask" in names:
         names.remove("mask")
     if tr.num_heads == 1 and "output" in names and _same(tr, "output", "context"):
         names.remove("output")

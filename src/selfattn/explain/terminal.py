@@ -7,6 +7,7 @@ NO_COLOR; otherwise the output is plain text (rich's own detection, which we do 
 from __future__ import annotations
 
 import math
+import os
 
 from rich import box
 from rich.console import Console, Group
@@ -20,9 +21,24 @@ from selfattn.explain.jsonout import step_tensor, visible_steps
 from selfattn.trace import STEP_MEANINGS, Trace
 
 
-def make_console(file=None, width: int | None = None) -> Console:
-    """A console that prints plain text when stdout is not a terminal or NO_COLOR is set."""
-    return Console(file=file, width=width, highlight=False, soft_wrap=False)
+def make_console(
+    file=None, width: int | None = None, force_terminal: bool | None = None
+) -> Console:
+    """A console that prints plain text when stdout is not a terminal or NO_COLOR is set.
+
+    rich's own NO_COLOR handling drops colours but keeps bold and dim; here NO_COLOR means no
+    escape codes at all.
+    """
+    plain = bool(os.environ.get("NO_COLOR"))
+    return Console(
+        file=file,
+        width=width,
+        highlight=False,
+        soft_wrap=False,
+        force_terminal=force_terminal,
+        color_system=None if plain else "auto",
+        no_color=plain,
+    )
 
 
 def matrix_table(
@@ -131,8 +147,9 @@ def render_walkthrough(tr: Trace, console: Console, precision: int = 4) -> None:
         show(
             "mask",
             "4b.",
-            "Causal mask: a query may attend to its own and earlier tokens only; "
-            "masked scores become -inf before softmax.",
+            "Mask: which keys each query may attend to (✓). A causal module lets a token see "
+            "itself and earlier tokens only; padding is never seen. Masked scores become -inf "
+            "before softmax, so their weights are exactly 0.",
             tokens,
         )
     show(
