@@ -8,11 +8,10 @@ becomes one line on stderr and exit status 2, with no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
-from selfattn._argtypes import check_writable, non_negative_int, positive_int, seed
+from selfattn._argtypes import non_negative_int, positive_int, seed
 from selfattn._extras import MissingExtra
 
 EXIT_USAGE = 2
@@ -113,72 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from selfattn.explain import explain_traces
-    from selfattn.explain.jsonout import to_json
-    from selfattn.explain.terminal import make_console, render_walkthrough
+    from selfattn.explain.run import ExplainRequest, run_explain
 
-    for flag, path in (("--png", args.png), ("--html", args.html)):
-        if path is not None:
-            check_writable(flag, path)
-    if args.png is not None:
-        from selfattn._extras import require
-
-        require("matplotlib", "plot", "--png")
-    if args.model == "minilm":  # before the model runs: its sizes are known
-        from selfattn.text import check_head, check_layer
-
-        check_layer(args.layer)
-        if args.head is not None:
-            check_head(args.head)
-
-    traces = explain_traces(
-        module=args.module,
-        model=args.model,
-        text=args.text,
-        seed=args.seed,
-        d_out=args.d_out,
-        heads=args.heads,
-        truncate=args.truncate,
-    )  # one per layer
-    _check_index("--layer", args.layer, len(traces), "layers")
-    tr = traces[args.layer]
-    if args.head is not None:
-        _check_index("--head", args.head, tr.num_heads, "heads")
-    # a pretrained model has 12 heads: its walkthrough and JSON show one unless told otherwise
-    one_head = args.head if args.head is not None or args.model is None else 0
-
-    said = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON under --json
-    if args.png is not None:
-        from selfattn.explain.png import render_png
-
-        heads = None if args.head is None else [args.head]
-        render_png(tr, args.png, step=args.step, heads=heads)
-        print(f"wrote {args.png}: {args.step}, {_count(heads, tr.num_heads)}", file=said)
-    if args.html is not None:
-        from selfattn.explain.html import write_html
-
-        write_html(traces, args.html, layer=args.layer, head=args.head or 0, step=args.step)
-        print(f"wrote {args.html}: open it in a browser (works offline)", file=said)
-    if one_head is not None:
-        tr = tr.select_head(one_head)
-    if args.json:
-        json.dump(to_json(tr), sys.stdout)
-        sys.stdout.write("\n")
-    elif args.png is None and args.html is None:
-        render_walkthrough(tr, make_console(), precision=args.precision)
+    fields = ExplainRequest.__dataclass_fields__
+    run_explain(ExplainRequest(**{name: getattr(args, name) for name in fields}))
     return 0
-
-
-def _check_index(flag: str, value: int, count: int, what: str) -> None:
-    if not 0 <= value < count:
-        valid = f"there is only {what[:-1]} 0" if count == 1 else f"valid {what} are 0..{count - 1}"
-        raise ValueError(f"{flag} {value} is out of range: {valid}")
-
-
-def _count(heads: list[int] | None, n_heads: int) -> str:
-    if heads is not None:
-        return f"head {heads[0]}"
-    return "1 head" if n_heads == 1 else f"{n_heads} heads"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
