@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from selfattn._checks import positive_int, probability
 from selfattn.engines import AttentionRequest, Engine, EngineOutput, register
 from selfattn.masks import block_is_empty, block_is_full
 
@@ -109,8 +110,15 @@ def tiled_attention(
         scaled, masked scores (before dropout), float32 (float64 for float64 inputs), -inf on
         rows with no visible key. Both are differentiable.
     """
-    _check(q, k, v, attn_mask, is_causal, window, dropout_p, block_q, block_k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    from selfattn import functional  # the one set of argument checks (imported late: it imports us)
+
+    functional.check_qkv(q, k, v)
+    attn_mask = functional.check_mask(attn_mask, q, k)
+    functional.check_window(window, is_causal)
+    dropout_p = probability("dropout_p", dropout_p)
+    positive_int("block_q", block_q)
+    positive_int("block_k", block_k)
+    scale = functional.check_scale(scale, q.shape[-1])
     seed = _draw_seed() if dropout_p > 0.0 else 0
     return _TiledAttention.apply(
         q, k, v, attn_mask, is_causal, window, scale, dropout_p, seed, block_q, block_k
@@ -430,45 +438,6 @@ def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq
 
 # --------------------------------------------------------------------------------------------
 # Argument checks and the engine adapter.
-
-
-def _check(q, k, v, attn_mask, is_causal, window, dropout_p, block_q, block_k) -> None:
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be 4-D (B, H, L, E), got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
-        )
-    b, hq, lq, e = q.shape
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"k (B, Hkv, Lk, E) and v (B, Hkv, Lk, Ev) must agree with q (B, Hq, Lq, E): "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[3] != e or hq % k.shape[1] != 0:
-        raise ValueError(
-            f"k must have E={e} and Hkv dividing Hq={hq}: got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise TypeError(f"q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if attn_mask is not None:
-        full = (b, hq, lq, k.shape[2])
-        try:
-            ok = attn_mask.ndim <= 4 and torch.broadcast_shapes(attn_mask.shape, full) == full
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"attn_mask {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Lq, Lk)={full}"
-            )
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
-    if window is not None and (not is_causal or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int used with is_causal, got {window!r}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"block sizes must be positive, got block_q={block_q} block_k={block_k}")
 
 
 def tiled_attention_engine(
