@@ -33,9 +33,13 @@ def reference(q, k, v, keep=None, bias=None, scale=None):
     if keep is not None:
         allowed = allowed & keep
     if bias is not None:
-        finite = torch.isfinite(bias)
-        s = s + bias.double().masked_fill(~finite, 0)
-        allowed = allowed & finite
+        bias = bias.double().expand(s.shape)
+        allowed = allowed & torch.isfinite(bias)
+        # softmax(s + b) = softmax(s + b - c) for a constant c per row: take c = the row's largest
+        # visible bias, so that a row held at finfo.min keeps its scores instead of rounding
+        # them away (the float64 sum s + finfo.min would, as float32's does).
+        c = bias.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+        s = s + (bias - c.masked_fill(~c.isfinite(), 0)).masked_fill(~allowed, 0)
     s = s.masked_fill(~allowed, float("-inf"))
     w = torch.softmax(s, dim=-1)
     w = torch.where(allowed.any(-1, keepdim=True), w, 0.0)
@@ -146,10 +150,20 @@ def test_fully_masked_rows_give_zeros_and_zero_gradient(engine, mask_kind):
 
 
 def test_sdpa_adapter_handles_dead_rows_itself_where_the_kernel_does_not(monkeypatch):
-    """The path taken on CUDA (and on a PyTorch whose SDPA returns NaN on dead rows)."""
+    """A kernel that returns NaN on rows with no key (as bf16 SDPA on an H200 returned garbage)
+    never shows through: the adapter hands SDPA no dead row and zeroes those rows itself."""
     from selfattn.engines import sdpa
 
-    monkeypatch.setattr(sdpa, "SDPA_ZEROES_DEAD_ROWS", False)
+    real = sdpa.F.scaled_dot_product_attention
+
+    def nan_on_dead_rows(q, k, v, attn_mask=None, **kw):
+        out = real(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is not None:
+            keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+            out = out.masked_fill(~keep.any(dim=-1, keepdim=True), float("nan"))
+        return out
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", nan_on_dead_rows)
     test_fully_masked_rows_give_zeros_and_zero_gradient("sdpa", "bool")
     test_fully_masked_rows_give_zeros_and_zero_gradient("sdpa", "float")
     q, k, v = make_qkv(1, 2, 1, 9, 4, 16)

@@ -184,7 +184,7 @@ def test_everything_masked_and_empty_keys():
 def test_causal_block_masks_agree_with_masks_module():
     for lq, lk, window in [(50, 50, None), (20, 50, 7), (50, 20, None), (33, 40, 1)]:
         prob = tiled_module._Problem.build(
-            *make_qkv(1, 1, 1, lq, lk), None, False, True, window, 1.0, 0.0, 0
+            *make_qkv(1, 1, 1, lq, lk), None, False, True, window, 1.0, 0.0, 0, 16, 16
         )
         full = causal_mask(lq, lk, window=window)
         for qs, qe, ks, ke in [(0, 7, 0, 9), (13, 20, 5, 20), (7, 19, 11, 20)]:

@@ -1,4 +1,5 @@
-"""Argument checks shared by the modules: one wording for every error."""
+"""Argument checks, one wording for every error: a leaf module that the functional core, the
+engines and the modules all import (it imports nothing from selfattn)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,89 @@ def merge_heads(t: Tensor, lead: torch.Size | tuple[int, ...]) -> Tensor:
     _, h, length, d = t.shape
     t = t.transpose(1, 2)  # (N, L, H, D)
     return t.reshape(*lead, length, h * d)
+
+
+# ---------------------------------------------------------------------- attention() arguments
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.ndim != 4:
+            raise ValueError(
+                f"{name} must be 4-D (B, H, L, E), got {t.ndim}-D with shape {tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: {shapes}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads: {shapes}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): "
+            f"{shapes}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim E: {shapes}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same length Lk: {shapes}")
+
+
+def check_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """``attn_mask`` checked and made 4-D: broadcastable to (B, Hq, Lq, Lk), on q's device, and
+    (when float) in q's dtype. A 0-D to 3-D mask gains leading size-1 dims, a view."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got dtype {mask.dtype}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        fits = mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"attn_mask of shape {tuple(mask.shape)} cannot broadcast to (B, Hq, Lq, Lk) = {target}"
+        )
+    mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (1|B, 1|Hq, 1|Lq, 1|Lk)
+    if mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return mask.to(q.device)
+
+
+def check_flag(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_window(window: int | None, is_causal: bool) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not is_causal:
+        raise ValueError(f"window={window} needs is_causal=True (a sliding window looks back)")
+    return window
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    """The score scale: 1/sqrt(E) for None, else a finite float > 0."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 (or None for 1/sqrt(E)), got {scale}")
+    return float(scale)

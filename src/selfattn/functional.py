@@ -21,12 +21,17 @@ q0 would see only k0.) See `selfattn.masks` for the sliding window and more pict
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from selfattn._checks import probability
+from selfattn._checks import (
+    check_flag,
+    check_mask,
+    check_qkv,
+    check_scale,
+    check_window,
+    probability,
+)
 from selfattn.engines import AUTO_ORDER, AttentionRequest, Engine, EngineOutput, get_engine
 from selfattn.recording import is_recording
 
@@ -104,16 +109,24 @@ def attention_with_weights(
     return result.output, result.weights
 
 
-def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple:
+def merge_partials(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
+) -> tuple[Tensor, Tensor]:
     """Combine attention over two disjoint key sets into attention over their union.
 
-    out_* (..., Lq, Ev), lse_* (..., Lq) as returned by `attention_with_lse`.
+    out_* (..., Lq, Ev), lse_* (..., Lq) as returned by `attention_with_lse`. Returns
+    (out (..., Lq, Ev) in out_a's dtype, lse (..., Lq)). A row that saw no key in either part
+    (lse -inf in both) stays zeros with lse -inf, and passes zero gradient, never NaN.
     """
-    lse = torch.logaddexp(lse_a, lse_b)  # (..., Lq), -inf only if both are
-    safe = torch.where(torch.isfinite(lse), lse, 0.0)
-    w_a = torch.exp(lse_a - safe).unsqueeze(-1)  # (..., Lq, 1)
+    dead = (lse_a == float("-inf")) & (lse_b == float("-inf"))  # (..., Lq)
+    # logaddexp(-inf, -inf) is -inf but its gradient is NaN: give dead rows finite stand-ins.
+    lse = torch.logaddexp(lse_a.masked_fill(dead, 0.0), lse_b.masked_fill(dead, 0.0))
+    lse = lse.masked_fill(dead, float("-inf"))  # (..., Lq)
+    safe = lse.masked_fill(dead, 0.0)  # (..., Lq), finite
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)  # (..., Lq, 1), 0 where part a saw no key
     w_b = torch.exp(lse_b - safe).unsqueeze(-1)
-    return w_a * out_a + w_b * out_b, lse
+    out = w_a * out_a + w_b * out_b  # (..., Lq, Ev)
+    return out.to(out_a.dtype), lse
 
 
 def _kwargs(local_vars: dict) -> dict:
@@ -147,6 +160,7 @@ def run(
         dropout_p=probability("dropout_p", dropout_p),
         need_lse=need_lse,
         need_weights=need_weights,
+        device_type=q.device.type,
     )
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         return _empty_output(q, k, v, request)
@@ -158,12 +172,20 @@ def run(
 def _empty_output(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest) -> EngineOutput:
     """No queries, or no keys (every row dead): zeros, still attached to the inputs' graph."""
     b, hq, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    anchor = (q.sum() + k.sum() + v.sum()) * 0.0  # keeps autograd's graph; gradient is zero
+    # Sums over empty slices: exactly 0 in the graph of q, k and v, whatever values they hold
+    # (q.sum() * 0 would be NaN for a q holding inf); their gradient is zero.
+    anchor = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum()
     return EngineOutput(
         output=q.new_zeros(b, hq, lq, v.shape[-1]) + anchor,
-        lse=q.new_full((b, hq, lq), float("-inf")) if request.need_lse else None,
-        weights=q.new_zeros(b, hq, lq, lk) if request.need_weights else None,
+        lse=q.new_full((b, hq, lq), float("-inf"), dtype=_lse_dtype(q)) + anchor
+        if request.need_lse
+        else None,
+        weights=q.new_zeros(b, hq, lq, lk) + anchor if request.need_weights else None,
     )
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def select_engine(backend: str, request: AttentionRequest) -> Engine:
@@ -179,8 +201,11 @@ def select_engine(backend: str, request: AttentionRequest) -> Engine:
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
         return engine
-    # The tiled engine skips the blocks a sliding window rules out; SDPA would compute them all.
-    order = ("tiled", "sdpa", "naive") if request.window is not None else AUTO_ORDER
+    # On CPU the tiled engine skips the blocks a sliding window rules out, where SDPA would
+    # compute them all under a dense mask. On a GPU the tiled engine is a Python loop over
+    # tiles (about 100x slower than SDPA on an H200): SDPA with the window's mask runs there.
+    windowed_cpu = request.window is not None and request.device_type == "cpu"
+    order = ("tiled", "sdpa", "naive") if windowed_cpu else AUTO_ORDER
     reasons = []
     for name in order:
         engine = get_engine(name)
@@ -189,83 +214,3 @@ def select_engine(backend: str, request: AttentionRequest) -> Engine:
             return engine
         reasons.append(f"{name}: {reason}")
     raise ValueError("no attention engine supports this call (" + "; ".join(reasons) + ")")
-
-
-# ----------------------------------------------------------------------------- argument checks
-
-
-def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.ndim != 4:
-            raise ValueError(
-                f"{name} must be 4-D (B, H, L, E), got {t.ndim}-D with shape {tuple(t.shape)}"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"batch sizes differ: {shapes}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads: {shapes}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): "
-            f"{shapes}"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim E: {shapes}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v must have the same length Lk: {shapes}")
-
-
-def check_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"attn_mask must be bool or floating point, got dtype {mask.dtype}")
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    try:
-        fits = mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"attn_mask of shape {tuple(mask.shape)} cannot broadcast to (B, Hq, Lq, Lk) = {target}"
-        )
-    if mask.is_floating_point() and mask.dtype != q.dtype:
-        mask = mask.to(q.dtype)
-    return mask.to(q.device)
-
-
-def check_flag(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def check_window(window: int | None, is_causal: bool) -> int | None:
-    if window is None:
-        return None
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if not is_causal:
-        raise ValueError(f"window={window} needs is_causal=True (a sliding window looks back)")
-    return window
-
-
-def check_scale(scale: float | None, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)

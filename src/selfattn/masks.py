@@ -34,14 +34,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from selfattn._checks import check_window
+
 
 def causal_mask(
     lq: int, lk: int, *, window: int | None = None, device: torch.device | str | None = None
 ) -> Tensor:
     """Bottom-right causal mask (Lq, Lk), optionally limited to a sliding window of W keys."""
-    q_pos = torch.arange(lq, device=device).unsqueeze(-1) + (lk - lq)  # (Lq, 1) absolute position
-    k_pos = torch.arange(lk, device=device).unsqueeze(0)  # (1, Lk)
-    keep = k_pos <= q_pos  # (Lq, Lk)
+    return causal_block(0, lq, 0, lk, lq, lk, window, device=device)
+
+
+def causal_block(
+    q_start: int,
+    q_end: int,
+    k_start: int,
+    k_end: int,
+    lq: int,
+    lk: int,
+    window: int | None,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Block [q_start:q_end, k_start:k_end] of `causal_mask(lq, lk, window=window)`, built
+    without the whole (Lq, Lk) mask: the one place selfattn writes the causal rule."""
+    q_pos = torch.arange(q_start, q_end, device=device).unsqueeze(-1) + (lk - lq)  # (bq, 1)
+    k_pos = torch.arange(k_start, k_end, device=device).unsqueeze(0)  # (1, bk)
+    keep = k_pos <= q_pos  # (bq, bk)
     if window is not None:
         keep &= k_pos > q_pos - window
     return keep
@@ -51,9 +69,48 @@ def sliding_window_mask(
     lq: int, lk: int, window: int, *, device: torch.device | str | None = None
 ) -> Tensor:
     """Causal sliding-window mask (Lq, Lk): each query sees its ``window`` most recent keys."""
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
-    return causal_mask(lq, lk, window=window, device=device)
+    return causal_mask(lq, lk, window=check_window(window, True), device=device)
+
+
+def merge_masks(
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    window: int | None,
+    lq: int,
+    lk: int,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """The causal (window) rule and ``attn_mask`` as one mask broadcastable to (B, H, Lq, Lk).
+
+    Bool (True = may attend) when ``attn_mask`` is None or bool; float (added to the scores,
+    -inf where the causal rule hides a key) when ``attn_mask`` is float. None if nothing is
+    masked. Costs Lq x Lk memory when causal: the tiled engine never calls it.
+    """
+    if not is_causal:
+        return attn_mask
+    keep = causal_mask(lq, lk, window=window, device=device)  # (Lq, Lk)
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+def float_mask_shift(mask: Tensor) -> Tensor:
+    """Each row's largest entry of a float mask (..., Lq, Lk) -> (..., Lq, 1), 0 where the row
+    has no finite entry; detached.
+
+    Every engine adds ``mask - shift`` to the scores instead of ``mask``. Softmax does not
+    change (a constant per row cancels), but the arithmetic stays exact: Hugging Face's
+    ``torch.finfo(dtype).min`` for "hidden" would otherwise round a fully hidden row's scores
+    away (s + finfo.min == finfo.min), overflow to -inf in base 2, and turn the kernels' stored
+    log-sum-exp into finfo.min (their backward would see weights of 1 instead of 1/Lk).
+    With the shift, a row held entirely at finfo.min (or -1e9) weighs its keys by their
+    scores, as softmax(s + c) = softmax(s) says. The shift is added back to the lse.
+    """
+    row_max = mask.detach().amax(dim=-1, keepdim=True)  # (..., Lq, 1)
+    return row_max.masked_fill(~row_max.isfinite(), 0.0)
 
 
 def key_padding_mask(lengths: Tensor | list[int], max_len: int | None = None) -> Tensor:

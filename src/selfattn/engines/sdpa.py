@@ -6,11 +6,13 @@ The adapter absorbs what SDPA does differently, so callers never see it:
   otherwise.
 - SDPA has no sliding window: the adapter builds the equivalent boolean mask (which costs
   Lq x Lk memory; the "tiled" engine skips those blocks instead).
-- Rows with no key to attend to: recent PyTorch on CPU returns zeros there with zero gradient
-  (checked once at import). Elsewhere, and on a PyTorch that does not, the adapter lets such
-  rows see one key and zeroes their output afterwards. (Seen on an H200: bf16 SDPA with a mask
-  returned wrong values on fully masked rows.)
+- Rows with no key to attend to: what SDPA returns there depends on kernel, dtype and version
+  (seen on an H200: bf16 SDPA with a mask returned wrong values on fully masked rows). The
+  adapter lets such rows see one key and zeroes their output afterwards, on every device; no
+  probe runs at import (one would fail under ``torch.inference_mode()``).
 - One query under causal masking (decoding one token with a KV cache) sees every key: no mask.
+- A float mask is shifted so that each row's largest entry is 0 (`selfattn.masks.float_mask_shift`):
+  a row held at finfo.min keeps its scores, and SDPA's backward its true log-sum-exp.
 SDPA returns neither the weights nor the log-sum-exp, so requests that need them go elsewhere.
 """
 
@@ -20,34 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfattn.engines import AttentionRequest, Engine, EngineOutput, register
-from selfattn.masks import causal_mask
-
-
-@torch.enable_grad()
-def _zeroes_dead_rows() -> bool:
-    q = torch.ones(1, 1, 2, 2, requires_grad=True)
-    keep = torch.tensor([[False, False], [True, True]])
-    out = F.scaled_dot_product_attention(q, q, q, attn_mask=keep)
-    out.sum().backward()
-    return bool((out[0, 0, 0] == 0).all() and torch.isfinite(q.grad).all())
-
-
-SDPA_ZEROES_DEAD_ROWS = _zeroes_dead_rows()
-
-
-def _merge_masks(request: AttentionRequest, lq: int, lk: int, device) -> Tensor | None:
-    """The request's masks as one SDPA attn_mask (bool, or float when attn_mask is float)."""
-    mask = request.attn_mask
-    if request.is_causal:
-        keep = causal_mask(lq, lk, window=request.window, device=device)  # (Lq, Lk)
-        if mask is None:
-            mask = keep
-        elif mask.dtype == torch.bool:
-            mask = mask & keep
-        else:
-            mask = mask.masked_fill(~keep, float("-inf"))
-    return mask
+from selfattn.engines.registry import AttentionRequest, Engine, EngineOutput, register
+from selfattn.masks import float_mask_shift, merge_masks
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest) -> EngineOutput:
@@ -58,18 +34,24 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest) -
     elif plain_causal and lq == 1:
         mask, is_causal = None, False  # one new token (decoding) sees every key: no mask
     else:
-        mask, is_causal = _merge_masks(request, lq, lk, q.device), False
+        mask = merge_masks(
+            request.attn_mask, request.is_causal, request.window, lq, lk, device=q.device
+        )  # 4-D (from the checks) or (Lq, Lk), bool or float
+        is_causal = False
 
     dead = None
-    if mask is not None and (q.device.type != "cpu" or not SDPA_ZEROES_DEAD_ROWS):
-        # Rows with no key: CUDA kernels (e.g. memory-efficient attention in bf16) return
-        # garbage there. Let such rows see key 0, then zero them: finite, zero gradient.
+    if mask is not None:
+        # Rows with no key: what SDPA returns there depends on the kernel, dtype and version
+        # (zeros on recent CPU builds; wrong values in bf16 on an H200). Let such rows see
+        # key 0, then zero them: finite, zero gradient, the same on every device.
         keep = mask if mask.dtype == torch.bool else mask > float("-inf")
-        dead = ~keep.any(dim=-1, keepdim=True)  # (..., Lq, 1)
-        first_key = torch.zeros_like(keep)
-        first_key[..., 0] = True
-        keep = keep | (dead & first_key)
-        mask = keep if mask.dtype == torch.bool else mask.masked_fill(dead & first_key, 0.0)
+        dead = ~keep.any(dim=-1, keepdim=True)  # (..., Lq, 1); no .any() here: no host sync
+        first_key = torch.zeros(keep.shape[-1], dtype=torch.bool, device=q.device)  # (Lk,)
+        first_key[0] = True
+        rescue = dead & first_key  # (..., Lq, Lk): key 0 of dead rows only
+        mask = keep | rescue if mask.dtype == torch.bool else mask.masked_fill(rescue, 0.0)
+    if mask is not None and mask.is_floating_point():
+        mask = mask - float_mask_shift(mask)  # each row peaks at 0: see selfattn.masks
 
     out = F.scaled_dot_product_attention(
         q,  # (B, Hq, Lq, E)

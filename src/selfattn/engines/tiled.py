@@ -17,7 +17,10 @@ FlashAttention-2, Dao 2023, https://arxiv.org/abs/2307.08691)::
         O_i = acc / l,   lse_i = m + log(l)           (l = 0, no visible key: O_i = 0, lse = -inf)
 
 The code keeps scores in base 2 (``exp2``, about 4x faster than ``exp`` on CPU) and works in
-place on one reused tile buffer; the maths is the above.
+place on one reused tile buffer; the maths is the above. A float ``attn_mask`` is first shifted
+so that each row's largest visible entry is 0 (`selfattn.masks.float_mask_shift`, here computed
+tile by tile): softmax does not change, and Hugging Face's ``torch.finfo(dtype).min`` neither
+overflows to -inf in base 2 nor rounds the scores away; the shift is added back to lse.
 
 The backward pass (FlashAttention-2) saves only q, k, v, O and lse, and recomputes each tile:
 ``P = exp(S - lse)``, ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - D)`` with
@@ -48,14 +51,22 @@ serves a whole group (grouped-query attention without repeating k or v): R = G *
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from selfattn._checks import positive_int, probability
-from selfattn.engines import AttentionRequest, Engine, EngineOutput, register
-from selfattn.masks import block_is_empty, block_is_full
+from selfattn._checks import (
+    check_flag,
+    check_mask,
+    check_qkv,
+    check_scale,
+    check_window,
+    positive_int,
+    probability,
+)
+from selfattn.engines.registry import AttentionRequest, Engine, EngineOutput, register
+from selfattn.masks import block_is_empty, block_is_full, causal_block
 
 # Default tile: 256 queries x 512 keys. Timed on a 2-core AMD EPYC (fp32, E=64, forward, H=8,
 # L=4096): (256, 512), (512, 512) and (256, 1024) were within noise of each other and ~10% faster
@@ -110,15 +121,14 @@ def tiled_attention(
         scaled, masked scores (before dropout), float32 (float64 for float64 inputs), -inf on
         rows with no visible key. Both are differentiable.
     """
-    from selfattn import functional  # the one set of argument checks (imported late: it imports us)
-
-    functional.check_qkv(q, k, v)
-    attn_mask = functional.check_mask(attn_mask, q, k)
-    functional.check_window(window, is_causal)
+    check_qkv(q, k, v)
+    attn_mask = check_mask(attn_mask, q, k)
+    check_window(window, is_causal)
+    check_flag("is_causal", is_causal)
     dropout_p = probability("dropout_p", dropout_p)
     positive_int("block_q", block_q)
     positive_int("block_k", block_k)
-    scale = functional.check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, q.shape[-1])
     seed = _draw_seed() if dropout_p > 0.0 else 0
     return _TiledAttention.apply(
         q, k, v, attn_mask, is_causal, window, scale, dropout_p, seed, block_q, block_k
@@ -134,7 +144,7 @@ class _TiledAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_mask, is_causal, window, scale, dropout_p, seed, bq, bk):
         mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
         prob = _Problem.build(
-            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed
+            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk
         )
         out_c, lse = _forward(prob, *_to_blocks(prob, q, k, v), bq, bk)  # (B,Hq,Lq,Ev), (B,Hq,Lq)
         out = out_c.to(q.dtype)  # (B, Hq, Lq, Ev)
@@ -143,14 +153,23 @@ class _TiledAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out_c, lse, attn_mask)
         ctx.args = (mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk)
         ctx.set_materialize_grads(False)
+        if prob.mask_shift is not None:  # the float mask's row shift, back into the user's lse
+            shift = prob.mask_shift.squeeze(-1).expand(prob.b, prob.hkv, prob.g, prob.lq)
+            lse = lse + shift.reshape(lse.shape)  # (B, Hq, Lq); a new tensor, not the saved one
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a graph of the gradient
+            raise NotImplementedError(
+                "the tiled attention engine does not support double backward "
+                "(create_graph=True, e.g. a gradient penalty): its backward is hand-written; "
+                "use backend='naive' or 'sdpa' for higher-order gradients"
+            )
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk = ctx.args
         prob = _Problem.build(
-            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed
+            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk
         )
         if dout is None:
             dout = torch.zeros(prob.out_shape, dtype=q.dtype, device=q.device)
@@ -193,9 +212,11 @@ class _Problem:
     scale: float
     dropout_p: float
     seed: int
+    # A float mask's per-row shift, (1|B, 1|Hkv, 1|G, 1|Lq, 1): each row's largest visible entry
+    mask_shift: Tensor | None = None  # (so mask5 - mask_shift peaks at 0); added back to lse
 
     @staticmethod
-    def build(q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed):
+    def build(q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk):
         b, hq, lq, _ = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         g = hq // hkv
@@ -209,10 +230,31 @@ class _Problem:
             if mask5.dtype == torch.bool:
                 mask5 = ~mask5  # True = masked out, ready for masked_fill_
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return _Problem(
+        prob = _Problem(
             b, hkv, g, lq, lk, dtype, (b, hq, lq, v.shape[-1]), mask5,
             is_causal, window, scale, dropout_p, seed,
         )  # fmt: skip
+        if mask5 is None or mask5.dtype == torch.bool:
+            return prob
+        return replace(prob, mask_shift=_visible_row_max(prob, bq, bk))
+
+
+def _visible_row_max(prob: _Problem, bq: int, bk: int) -> Tensor:
+    """Each row's largest float-mask entry among the keys causal/window leaves visible (0 where
+    none is finite): `selfattn.masks.float_mask_shift` computed tile by tile, never (Lq, Lk)."""
+    m = prob.mask5  # (1|B, 1|Hkv, 1|G, 1|Lq, 1|Lk)
+    if not prob.is_causal:
+        row_max = m.detach().amax(dim=-1, keepdim=True)  # (1|B, 1|Hkv, 1|G, 1|Lq, 1)
+    else:
+        row_max = m.new_full((*m.shape[:3], prob.lq, 1), _NEG_INF)  # (1|B, 1|Hkv, 1|G, Lq, 1)
+        for _, qs, qe, visits in _plan(prob, bq, bk):
+            for _, ks, ke, full in visits:
+                tile = _mask_block(prob, qs, qe, ks, ke).detach()  # (.., 1|bq, 1|bk)
+                if not full:  # (.., bq, bk): the causal edge hides some cells
+                    tile = tile.masked_fill(_causal_drop(qs, qe, ks, ke, prob, m.device), _NEG_INF)
+                blk = row_max[..., qs:qe, :]
+                torch.maximum(blk, tile.amax(dim=-1, keepdim=True), out=blk)
+    return row_max.masked_fill(~row_max.isfinite(), 0.0)
 
 
 def _to_blocks(prob: _Problem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,15 +291,8 @@ def _rows(x: Tensor, qs: int, qe: int) -> Tensor:
 
 
 def _causal_drop(qs: int, qe: int, ks: int, ke: int, prob: _Problem, device) -> Tensor:
-    """(bq, bk) bool, True where the causal/window mask removes a cell: the complement of the
-    block [qs:qe, ks:ke] of `selfattn.masks.causal_mask(lq, lk, window=window)`, built without
-    the whole (Lq, Lk) mask."""
-    q_pos = torch.arange(qs, qe, device=device).unsqueeze(-1) + (prob.lk - prob.lq)  # (bq, 1)
-    k_pos = torch.arange(ks, ke, device=device)  # (bk,)
-    drop = k_pos > q_pos  # (bq, bk)
-    if prob.window is not None:
-        drop |= k_pos <= q_pos - prob.window
-    return drop
+    """(bq, bk) bool, True where the causal/window mask removes a cell of tile [qs:qe, ks:ke]."""
+    return ~causal_block(qs, qe, ks, ke, prob.lq, prob.lk, prob.window, device=device)
 
 
 def _mask_block(prob: _Problem, qs: int, qe: int, ks: int, ke: int) -> Tensor | None:
@@ -288,7 +323,9 @@ class _Scratch:
 def _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, scratch: _Scratch) -> Tensor:
     """Scaled, masked base-2 scores of one tile, (N, R, bk), -inf where masked.
 
-    ``q_blk`` already carries scale * LOG2E; a float mask is converted to base 2 as it is added.
+    ``q_blk`` already carries scale * LOG2E; a float mask, already shifted so that each row's
+    visible maximum is 0, is converted to base 2 as it is added (entries that overflow to -inf
+    there weigh exp(-1e38) = 0 anyway).
     """
     bq, bk = qe - qs, ke - ks
     s = scratch.tile(0, (q_blk.shape[0], q_blk.shape[1], bk))
@@ -299,7 +336,9 @@ def _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, scratch: _Scratch) -> 
         if user.dtype == torch.bool:
             s5.masked_fill_(user, _NEG_INF)
         else:
-            s5.add_(user, alpha=LOG2E)
+            shift = prob.mask_shift
+            shift = shift if shift.shape[3] == 1 else shift[:, :, :, qs:qe]  # (.., 1|bq, 1)
+            s5.add_(user - shift, alpha=LOG2E)  # (.., bq, bk): shifted first, then base 2
     if not full:
         key = (bq, bk, qs - ks)  # tiles on the same diagonal share one mask
         if key not in scratch.drops:
