@@ -202,3 +202,71 @@ def test_writable_check_leaves_no_file_behind(tmp_path, capsys):
     assert not target.exists()
     with pytest.raises(ValueError, match="is a directory"):
         check_writable("--png", str(tmp_path))
+
+
+@pytest.mark.parametrize("args", [["--model", "minilm"], ["--module", "mha"], []])
+def test_empty_text_is_refused_never_replaced_by_the_example(capsys, args):
+    assert main(["explain", *args, "--text", ""]) == 2
+    err = capsys.readouterr().err
+    assert "text is empty" in err  # before any model or tokenizer loads: no extra needed
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def explain_into_a_closed_pipe(args, *, read_first: int):
+    """Run `python -m selfattn explain ARGS`, read ``read_first`` bytes, then close the pipe."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "selfattn", "explain", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    if read_first:
+        assert child.stdout.read(read_first)
+    child.stdout.close()  # like `| head -c N`: the reader goes away
+    _, err = child.communicate(timeout=120)
+    return child.returncode, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "read_first"),
+    [
+        (["--json", "--d-out", "5000"], 100),  # megabytes of JSON: blocks on the full pipe
+        ([], 0),  # the walkthrough, into a pipe nobody reads
+    ],
+)
+def test_a_closed_pipe_ends_the_run_quietly_like_a_unix_tool(args, read_first):
+    status, err = explain_into_a_closed_pipe(args, read_first=read_first)
+    assert err == ""  # no "Broken pipe", no traceback
+    assert status == 128 + 13  # as a shell reports a tool ended by SIGPIPE (`yes | head -1`)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "needle"),
+    [
+        (
+            RuntimeError("CUDA error: out of memory\nCompile with ..."),
+            1,
+            "RuntimeError: CUDA error",
+        ),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried\nmore"),
+            1,
+            "OutOfMemoryError: CUDA out",
+        ),
+        (MemoryError(), 1, "selfattn: error: MemoryError"),
+        (ValueError("d_out 3 is not divisible by heads 2\nmore"), 2, "error: d_out 3 is not"),
+        (TypeError("x must be a Tensor"), 2, "error: x must be a Tensor"),
+    ],
+)
+def test_failures_at_run_time_are_one_line(capsys, monkeypatch, error, status, needle):
+    import selfattn.explain
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(selfattn.explain, "explain_example", fails)
+    assert main(["explain"]) == status  # 1: the run failed; 2: what was asked is wrong
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

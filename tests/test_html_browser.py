@@ -1,35 +1,28 @@
 """The `--html` page in real headless Chromium: it renders offline, without errors, and responds.
 
-Chromium is driven over the DevTools protocol on ``--remote-debugging-pipe``: it reads commands
-from fd 3 and writes replies and events to fd 4, each one JSON message ending in a NUL byte. That
-needs only the standard library (no websocket client, no selenium). Every console error,
-uncaught exception and Content-Security-Policy violation (the page allows no network at all) is
-collected and must stay empty.
+Chromium is driven with selenium through Debian's ``chromedriver`` (package ``chromium-driver``),
+beside Debian's ``chromium``; .ci/run installs both. Every console error, uncaught exception and
+Content-Security-Policy violation (the page allows no network at all) lands in the browser's log
+at level SEVERE, and that must stay empty; an ``alert()`` would fail the next command. The
+performance log's ``Network.requestWillBeSent`` events show every request the page made.
 
-Skipped when Chromium is not installed (CI installs Debian's package in .ci/run).
+Skipped where Chromium, chromedriver or selenium is missing, except under
+SELFATTN_REQUIRE_EXTRAS=1 (CI), where that fails instead.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import fcntl
 import io
 import json
-import os
-import select
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from extras import need_module, need_program
 
 from selfattn import trace
 from selfattn.explain import build_module, example_inputs, explain_example
 from selfattn.explain.html import write_html
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -41,179 +34,91 @@ FLAGS = [
     "--disable-sync",
     "--disable-extensions",
     "--hide-scrollbars",
-    "--remote-debugging-pipe",
+    "--window-size=1280,900",
 ]
-TIMEOUT = 30.0
+TIMEOUT = 30  # seconds for any one page load or script
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
-    ),
-]
+pytestmark = pytest.mark.browser
 
 
-class Chromium:
-    """A headless Chromium with one page, driven over the DevTools pipe."""
+class Browser:
+    """One headless Chromium page, driven by selenium; what the tests below need of it."""
 
-    def __init__(self, user_data_dir: Path, width: int = 1280, height: int = 900) -> None:
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-        # The child must see them as fds 3 and 4: park them above 10 first, so dup2 can't clash.
-        child_in = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD_CLOEXEC, 10)
-        child_out = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD_CLOEXEC, 10)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+    def __init__(self, driver) -> None:
+        self.driver = driver
+        self.logged: list[dict] = []  # the browser log since the last `open`
+        self.events: list[dict] = []  # DevTools events (performance log) since the last `open`
 
-        def wire_pipes() -> None:  # runs in the child, before exec
-            os.dup2(child_in, 3)
-            os.dup2(child_out, 4)
-
-        self._log = open(user_data_dir / "chromium.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                CHROMIUM,
-                *FLAGS,
-                f"--user-data-dir={user_data_dir}",
-                f"--window-size={width},{height}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            close_fds=False,  # keep fds 3 and 4; Python's own fds are close-on-exec anyway
-            preexec_fn=wire_pipes,
-        )
-        os.close(child_in)
-        os.close(child_out)
-        self._buffer = b""
-        self._next_id = 0
-        self.events: list[dict] = []
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            self.send(f"{domain}.enable", session=True)
-        self.send(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-            session=True,
-        )
-
-    # -- the protocol --------------------------------------------------------------------
-    def send(self, method: str, params: dict | None = None, *, session: bool = False) -> dict:
-        self._next_id += 1
-        message = {"id": self._next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = self.session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
-        while True:
-            reply = self._receive()
-            if reply.get("id") == self._next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-
-    def _receive(self) -> dict:
-        deadline = time.monotonic() + TIMEOUT
-        while b"\0" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
-                raise TimeoutError("chromium did not answer in time")
-            chunk = os.read(self._from_browser, 1 << 16)
-            if not chunk:
-                raise RuntimeError("chromium closed the DevTools pipe")
-            self._buffer += chunk
-        raw, self._buffer = self._buffer.split(b"\0", 1)
-        message = json.loads(raw)
-        if "method" in message:
-            self.events.append(message)
-        return message
-
-    def wait_for(self, method: str) -> dict:
-        for seen, event in enumerate(self.events):
-            if event["method"] == method:
-                return self.events.pop(seen)
-        while True:
-            message = self._receive()
-            if message.get("method") == method:
-                self.events.remove(message)
-                return message
-
-    # -- what the tests use --------------------------------------------------------------
     def open(self, path: Path) -> None:
+        self._drain()
+        self.logged.clear()
         self.events.clear()
-        self.send("Page.navigate", {"url": path.resolve().as_uri()}, session=True)
-        self.wait_for("Page.loadEventFired")
+        self.driver.get(path.resolve().as_uri())  # returns once the load event has fired
 
     def js(self, expression: str):
-        reply = self.send(
-            "Runtime.evaluate",
-            {"expression": expression, "returnByValue": True, "awaitPromise": True},
-            session=True,
-        )
-        if "exceptionDetails" in reply:
-            raise AssertionError(f"{expression!r} threw: {reply['exceptionDetails']}")
-        return reply["result"].get("value")
+        return self.driver.execute_script(f"return {expression};")
 
-    def mouse(self, kind: str, x: float, y: float) -> None:
-        params = {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}
-        if kind == "mouseMoved":
-            params["button"] = "none"
-        self.send("Input.dispatchMouseEvent", params, session=True)
+    def element(self, selector: str):
+        """The first element matching ``selector``, scrolled to the middle of the view."""
+        found = self.driver.find_element("css selector", selector)
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", found)
+        return found
 
     def click(self, selector: str) -> None:
         """A real mouse click in the middle of the first element matching ``selector``."""
-        x, y = self.centre(selector)
-        self.mouse("mousePressed", x, y)
-        self.mouse("mouseReleased", x, y)
+        self.element(selector).click()
 
-    def centre(self, selector: str) -> tuple[float, float]:
-        box = self.js(
-            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
-            "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
-            "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-        )
-        return box[0], box[1]
+    def hover(self, selector: str) -> None:
+        """Move the mouse to the middle of the first element matching ``selector``."""
+        from selenium.webdriver import ActionChains
+
+        ActionChains(self.driver).move_to_element(self.element(selector)).perform()
 
     def screenshot(self) -> bytes:
-        data = self.send("Page.captureScreenshot", {"format": "png"}, session=True)["data"]
-        return base64.b64decode(data)
+        return self.driver.get_screenshot_as_png()
+
+    def requests(self) -> list[str]:
+        """The URL of every request since the page's own (left-overs of the last page dropped)."""
+        self._drain()
+        page = self.driver.current_url
+        urls = [
+            event["params"]["request"]["url"]
+            for event in self.events
+            if event["method"] == "Network.requestWillBeSent"
+        ]
+        return urls[urls.index(page) :] if page in urls else urls
 
     def errors(self) -> list[str]:
         """Console errors, uncaught exceptions and log errors (CSP violations included)."""
-        self.js("0")  # flush: events sent before this reply have arrived
-        found = []
-        for event in self.events:
-            method, params = event["method"], event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                found.append(json.dumps(params["exceptionDetails"])[:500])
-            elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-                found.append(json.dumps(params["args"])[:500])
-            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-                found.append(params["entry"]["text"])
-            elif method == "Page.javascriptDialogOpening":
-                found.append(f"dialog: {params['message']}")
-        return found
+        self._drain()
+        return [entry["message"][:500] for entry in self.logged if entry["level"] == "SEVERE"]
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
-            self.send("Browser.close")
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_browser)
-        os.close(self._from_browser)
-        self._log.close()
+    def _drain(self) -> None:  # each get_log hands over what arrived since the last one
+        self.logged += self.driver.get_log("browser")
+        self.events += [
+            json.loads(e["message"])["message"] for e in self.driver.get_log("performance")
+        ]
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium = Chromium(tmp_path_factory.mktemp("chromium-profile"))
-    yield chromium
-    chromium.close()
+    chromium = need_program("chromium", "chromium-browser")
+    chromedriver = need_program("chromedriver")
+    webdriver = need_module("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    service = webdriver.ChromeService(executable_path=chromedriver)  # never selenium-manager
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(TIMEOUT)
+    driver.set_script_timeout(TIMEOUT)
+    driver.get("about:blank")  # not the new-tab page, whose requests would trickle into ours
+    try:
+        yield Browser(driver)
+    finally:
+        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +128,7 @@ def mha_page(tmp_path_factory) -> Path:
     return path
 
 
-def cell(browser: Chromium, i: int, j: int) -> dict:
+def cell(browser: Browser, i: int, j: int) -> dict:
     return browser.js(
         f'(() => {{ const r = document.querySelector(\'#panels rect.cell[data-i="{i}"]'
         f"[data-j=\"{j}\"]'); return {{v: r.dataset.v, fill: r.getAttribute('fill')}}; }})()"
@@ -238,14 +143,9 @@ def test_page_renders_offline_without_errors(browser, mha_page):
     tokens = browser.js("[...document.querySelectorAll('#sentence .tok')].map(e => e.textContent)")
     assert tokens == ["Your", "journey", "starts", "with", "one", "step"]
     assert browser.errors() == []
-    requested = [
-        e["params"]["request"]["url"]
-        for e in browser.events
-        if e["method"] == "Network.requestWillBeSent"
-    ]
-    assert requested == [mha_page.resolve().as_uri()]  # the page itself, nothing else
+    assert browser.requests() == [mha_page.resolve().as_uri()]  # the page itself, nothing else
     # the pixels: a rendered page, not a blank one
-    image = pytest.importorskip("PIL.Image").open(io.BytesIO(browser.screenshot())).convert("RGB")
+    image = need_module("PIL.Image").open(io.BytesIO(browser.screenshot())).convert("RGB")
     colours = image.getcolors(maxcolors=image.width * image.height)  # [(count, rgb), ...]
     background = max(colours)[0] / (image.width * image.height)
     assert background < 0.8, f"{background:.0%} of the screenshot is one colour"
@@ -279,14 +179,12 @@ def test_selecting_another_head_changes_the_heatmap_and_lines(browser, mha_page)
 def test_hovering_a_cell_shows_its_value(browser, mha_page):
     browser.open(mha_page)
     value = float(cell(browser, 4, 2)["v"])
-    x, y = browser.centre('#panels rect.cell[data-i="4"][data-j="2"]')
-    browser.mouse("mouseMoved", x, y)
+    browser.hover('#panels rect.cell[data-i="4"][data-j="2"]')
     assert browser.js("document.getElementById('tip').hidden") is False
     tip = browser.js("document.getElementById('tip').textContent")
     assert "query “one”" in tip and "key “starts”" in tip and f"{value:.4f}" in tip
     # hovering a query token in the line view keeps only its lines
-    x, y = browser.centre('#line-view text[data-i="0"]')
-    browser.mouse("mouseMoved", x, y)
+    browser.hover('#line-view text[data-i="0"]')
     visible = browser.js(
         "[...document.querySelectorAll('#line-view line')]"
         ".filter(l => +l.getAttribute('stroke-opacity') > 0).length"

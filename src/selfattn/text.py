@@ -26,6 +26,7 @@ from selfattn.models.minilm import (
     load_tokenizer,
     trace_layers,
 )
+from selfattn.module_kinds import MODULE_KINDS, build_module
 from selfattn.trace import Trace, trace
 
 _CONFIG = MiniLMConfig()
@@ -84,12 +85,10 @@ def trace_text(
 ) -> Trace:
     """Trace a freshly built selfattn module on the pretrained embeddings of ``text``.
 
-    The module (``module_kind`` from `selfattn.explain.MODULE_KINDS`, seeded like
-    `selfattn.explain.build_module`) maps (L, 384) -> (L, d_out); only its input is pretrained.
+    The module (``module_kind`` from `selfattn.module_kinds.MODULE_KINDS`, seeded by
+    `selfattn.module_kinds.build_module`) maps (L, 384) -> (L, d_out); only its input is pretrained.
     For ``mha``, d_out must be divisible by ``heads``.
     """
-    from selfattn.explain import MODULE_KINDS, build_module  # late: explain may import us
-
     tokens, ids = tokenize(text, truncate=truncate)
     x = token_embeddings(ids)  # (L, E)
     module = build_module(module_kind, EMBEDDING_DIM, d_out, heads, seed)

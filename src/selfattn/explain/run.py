@@ -15,6 +15,7 @@ from selfattn._argtypes import check_writable
 from selfattn.explain import explain_traces
 from selfattn.explain.jsonout import to_json
 from selfattn.explain.terminal import make_console, render_walkthrough
+from selfattn.text import check_head, check_layer
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,6 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
 
         require("matplotlib", "plot", "--png")
     if req.model == "minilm":  # before the model runs: its sizes are known
-        from selfattn.text import check_head, check_layer
-
         check_layer(req.layer)
         if req.head is not None:
             check_head(req.head)

@@ -6,6 +6,7 @@ NO_COLOR; otherwise the output is plain text (rich's own detection, which we do 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 
@@ -21,16 +22,24 @@ from selfattn.explain.jsonout import step_tensor, visible_steps
 from selfattn.trace import STEP_MEANINGS, Trace
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Hand a closed pipe to the caller: rich's own default exits with status 1 on its own."""
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+
 def make_console(
     file=None, width: int | None = None, force_terminal: bool | None = None
 ) -> Console:
     """A console that prints plain text when stdout is not a terminal or NO_COLOR is set.
 
     rich's own NO_COLOR handling drops colours but keeps bold and dim; here NO_COLOR means no
-    escape codes at all.
+    escape codes at all. A closed pipe raises BrokenPipeError, which `selfattn.cli` turns into a
+    quiet exit.
     """
     plain = bool(os.environ.get("NO_COLOR"))
-    return Console(
+    return _Console(
         file=file,
         width=width,
         highlight=False,
