@@ -7,7 +7,9 @@ import torch
 from tolerances import assert_close
 from torch import nn
 
+import selfattn.book
 from selfattn import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
+from selfattn.book import state_bytes
 from selfattn.explain import example_inputs
 
 ENGINES = ["naive", "sdpa", "tiled"]
@@ -152,6 +154,101 @@ def test_same_seed_same_parameters_and_state_dict_loads_strictly(ours, book, arg
     torch.testing.assert_close(other(x), reference(x))
 
 
+@pytest.mark.parametrize(
+    ("ours", "book", "args", "printed"), PAIRS, ids=["causal", "wrapper", "mha"]
+)
+def test_our_state_dict_loads_strictly_into_the_chapter_class(ours, book, args, printed):
+    torch.manual_seed(8)
+    mine = ours(*args)
+    reference = book(*args)
+    reference.load_state_dict(mine.state_dict(), strict=True)
+    x = torch.randn(2, 6, 3)
+    torch.testing.assert_close(reference(x), mine(x))
+
+
+@pytest.mark.parametrize("cls", [CausalAttention, MultiHeadAttention])
+def test_module_memory_does_not_grow_with_context_length(cls):
+    args = (64, 64)
+    heads = () if cls is CausalAttention else (4,)
+    with torch.device("meta"):  # sizes only: nothing is allocated, even by a buggy module
+        sizes = [state_bytes(cls(*args, n, 0.0, *heads)) for n in (16, 1024, 131072)]
+    assert sizes[0] == sizes[1] == sizes[2]
+    module = cls(*args, 131072, 0.0, *heads)  # the chapter's buffer would be 64 GiB
+    assert "mask" not in dict(module.named_buffers())
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert state_bytes(module) == params == sizes[0]
+    assert module(torch.randn(1, 5, 64)).shape == (1, 5, 64)
+
+
+def test_state_bytes_counts_parameters_buffers_and_the_kv_cache_once():
+    mha = MultiHeadAttention(8, 8, 16, 0.0, 2).eval()
+    params = sum(p.numel() * 4 for p in mha.parameters())
+    assert state_bytes(mha) == params
+    with torch.no_grad():
+        mha(torch.randn(3, 2, 8), use_cache=True)
+    assert state_bytes(mha) == params + 2 * 3 * 2 * 16 * 4 * 4  # K and V: (B, Hkv, ctx, D) fp32
+    tied = nn.Sequential(mha.W_query, mha.W_query)
+    assert state_bytes(tied) == mha.W_query.weight.nbytes
+
+
+def test_state_dict_mask_follows_dtype_and_device_and_loads_into_the_chapter():
+    torch.manual_seed(9)
+    mine = MultiHeadAttention(3, 2, 6, 0.0, 2).to(torch.float64)
+    assert list(dict(mine.named_buffers())) == []
+    state = mine.state_dict()
+    assert state["mask"].dtype == torch.float64 and state["mask"].device == torch.device("cpu")
+    reference = BookMultiHeadAttention(3, 2, 6, 0.0, 2).double()
+    torch.testing.assert_close(state["mask"], reference.mask, atol=0, rtol=0)
+    reference.load_state_dict(state, strict=True)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    assert_close(mine(x), reference(x), torch.float64)
+
+
+class Parent(nn.Module):
+    """A model that holds an attention module, as the chapter's GPT does."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(3)
+        self.att = attention
+
+
+@pytest.mark.parametrize(
+    ("ours", "book", "args", "printed"), PAIRS, ids=["causal", "wrapper", "mha"]
+)
+def test_nested_state_dicts_load_strictly_both_ways(ours, book, args, printed):
+    torch.manual_seed(10)
+    mine, reference = Parent(ours(*args)), Parent(book(*args))
+    assert list(mine.state_dict()) == list(reference.state_dict())
+    masks = [key for key in mine.state_dict() if key.endswith("mask")]
+    if ours is MultiHeadAttentionWrapper:
+        assert masks == ["att.heads.0.mask", "att.heads.1.mask"]
+    else:
+        assert masks == ["att.mask"]
+    reference.load_state_dict(mine.state_dict(), strict=True)
+    torch.manual_seed(11)
+    again = Parent(ours(*args))
+    again.load_state_dict(reference.state_dict(), strict=True)
+    for name, value in mine.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("ours", "book", "args", "printed"), PAIRS, ids=["causal", "wrapper", "mha"]
+)
+def test_a_wrong_mask_in_a_state_dict_is_a_clear_error(ours, book, args, printed):
+    key = "heads.1.mask" if ours is MultiHeadAttentionWrapper else "mask"
+    state = book(*args).state_dict()
+    state[key] = torch.triu(torch.ones(8, 8), diagonal=1)  # saved with context_length=8
+    with pytest.raises(ValueError, match=rf"{key}.*\(6, 6\), got \(8, 8\)"):
+        ours(*args).load_state_dict(state)
+    state[key] = torch.ones(6, 6)
+    with pytest.raises(ValueError, match=f"{key}.*not the chapter's causal mask"):
+        ours(*args).load_state_dict(state)
+    del state[key]  # no mask at all: nothing is lost, it loads
+    ours(*args).load_state_dict(state)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_larger_mha_matches_book_code_forward_and_gradients(engine):
     torch.manual_seed(0)
@@ -263,6 +360,93 @@ def test_full_cache_is_an_error():
         mha(torch.randn(1, 2, 4), use_cache=True)  # exactly full is fine
         with pytest.raises(ValueError, match="batch of 1, got 2"):
             mha(torch.randn(2, 1, 4), use_cache=True)
+
+
+def cached_decode(mha, x, padding=False):
+    """Prompt x[:, :4], then one token at a time; the outputs (B, L, d_out) and the cache."""
+    pieces = []
+    with torch.no_grad():
+        for start, end in [(0, 4), *((t, t + 1) for t in range(4, x.shape[1]))]:
+            kwargs = {}
+            if padding:
+                kwargs["padding_mask"] = torch.ones(x.shape[0], end, dtype=torch.bool)
+            pieces.append(mha(x[:, start:end], use_cache=True, **kwargs))
+    return torch.cat(pieces, dim=1)
+
+
+def cache_state(mha):
+    if mha.cache_k is None:
+        return None
+    return mha.cache_k.clone(), mha.cache_v.clone(), mha.cache_len
+
+
+def fail_attention(*args, **kwargs):
+    raise RuntimeError("attention failed")
+
+
+FAILURES = {  # a call that raises, made after a prompt of 4 tokens: kwargs, input shape, error
+    "padding_shape": (dict(padding_mask=torch.ones(2, 4, dtype=torch.bool)), (2, 1, 8), ValueError),
+    "padding_dtype": (dict(padding_mask=torch.ones(2, 5)), (2, 1, 8), TypeError),
+    "full": ({}, (2, 9, 8), ValueError),  # 4 + 9 > context_length=12
+    "batch": ({}, (3, 1, 8), ValueError),
+    "attention_raises": ({}, (2, 1, 8), RuntimeError),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_failed_cached_call_leaves_the_cache_as_it_was(engine, failure, monkeypatch):
+    torch.manual_seed(12)
+    mha = MultiHeadAttention(8, 8, 12, 0.0, 4, num_kv_heads=2, backend=engine).eval()
+    x = torch.randn(2, 10, 8)
+    expected = cached_decode(mha, x, padding=True)
+    expected_cache = cache_state(mha)
+    torch.testing.assert_close(expected, mha(x), atol=1e-5, rtol=1e-5)
+
+    mha.reset_cache()
+    kwargs, shape, error = FAILURES[failure]
+    with torch.no_grad():
+        prompt = mha(x[:, :4], use_cache=True)
+        before = cache_state(mha)
+        bad = torch.randn(shape)
+        with monkeypatch.context() as patch:
+            if failure == "attention_raises":
+                patch.setattr(selfattn.book, "attention", fail_attention)
+            with pytest.raises(error):
+                mha(bad, use_cache=True, **kwargs)
+    after = cache_state(mha)
+    assert after[2] == before[2] == 4
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    # the retry goes on as if nothing had happened
+    rest = []
+    with torch.no_grad():
+        for t in range(4, 10):
+            pad = torch.ones(2, t + 1, dtype=torch.bool)
+            rest.append(mha(x[:, t : t + 1], use_cache=True, padding_mask=pad))
+    torch.testing.assert_close(torch.cat([prompt, *rest], dim=1), expected, atol=0, rtol=0)
+    for ours, theirs in zip(cache_state(mha), expected_cache, strict=True):
+        assert torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
+
+
+@pytest.mark.parametrize("failure", ["padding_shape", "attention_raises"])
+def test_a_failed_first_cached_call_allocates_nothing(failure, monkeypatch):
+    mha = MultiHeadAttention(8, 8, 12, 0.0, 2).eval()
+    x = torch.randn(2, 3, 8)
+    if failure == "attention_raises":
+        monkeypatch.setattr(selfattn.book, "attention", fail_attention)
+    kwargs = (
+        {"padding_mask": torch.ones(2, 2, dtype=torch.bool)}
+        if failure != "attention_raises"
+        else {}
+    )
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError)):
+        mha(x, use_cache=True, **kwargs)
+    assert mha.cache_k is None and mha.cache_v is None and mha.cache_len == 0
+    assert dict(mha.named_buffers()) == {}
+    monkeypatch.undo()
+    with torch.no_grad():
+        out = mha(x, use_cache=True)
+    torch.testing.assert_close(out, mha(x), atol=1e-5, rtol=1e-5)
 
 
 def test_cache_is_not_in_state_dict():

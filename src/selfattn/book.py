@@ -1,8 +1,13 @@
 """The chapter's causal and multi-head modules, on selfattn's core.
 
-They keep the chapter's constructor signatures, parameter and buffer names (``W_query``,
-``W_key``, ``W_value``, ``out_proj``, ``mask``) and order of creation, so the same seed gives the
-same weights and a ``state_dict`` saved from the chapter's code loads with ``strict=True``.
+They keep the chapter's constructor signatures, parameter names (``W_query``, ``W_key``,
+``W_value``, ``out_proj``) and order of creation, so the same seed gives the same weights. The
+chapter's (context_length, context_length) ``mask`` buffer is not kept, so a module's memory does
+not grow with context_length, but its ``state_dict`` still has the ``mask`` entry: a
+``state_dict`` saved by the chapter's code loads here with ``strict=True``, and ours loads into
+the chapter's classes (see `_ChapterState`). `state_bytes` measures a module's parameters and
+buffers.
+
 Dropout acts on the attention weights, as in the chapter; on the "naive" engine it even draws the
 same random numbers.
 
@@ -15,17 +20,74 @@ H heads, D = d_out / H head width.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
 from selfattn._checks import merge_heads, positive_int, probability, split_heads, token_input
 from selfattn.functional import attention
-from selfattn.recording import record
+from selfattn.recording import one_layer, record
 
 
-def _future_mask(context_length: int) -> Tensor:
-    """The chapter's buffer: 1 above the diagonal (future positions), (context_length,)*2."""
-    return torch.triu(torch.ones(context_length, context_length), diagonal=1)
+def state_bytes(module: nn.Module) -> int:
+    """The bytes a module holds in its parameters and buffers (a KV cache once allocated), each
+    tensor counted once: its "module state memory", whatever memory its forward then takes."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.nbytes for t in tensors.values())
+
+
+def _future_mask(context_length: int, like: Tensor) -> Tensor:
+    """The chapter's buffer: 1 above the diagonal (future positions), (context_length,)*2, in
+    ``like``'s dtype and on its device."""
+    n = context_length
+    return torch.ones(n, n, dtype=like.dtype, device=like.device).triu_(diagonal=1)
+
+
+class _ChapterState(nn.Module):
+    """The chapter's ``mask`` buffer in the ``state_dict``, without keeping it in memory.
+
+    The chapter registers a float (context_length, context_length) buffer, 1 above the diagonal,
+    that its forward slices; selfattn's engines apply the causal rule without it, so keeping it
+    would cost context_length² floats for nothing (4 GiB at 32k tokens). Instead:
+
+    * saving writes the chapter's ``mask`` where its buffer would be (first of the module's own
+      entries), built on demand in the dtype and on the device of ``W_query``: the chapter's
+      class loads it with ``strict=True``. (So ``state_dict()`` itself does cost that memory.)
+    * loading accepts a ``mask`` entry, checks that it is the chapter's for this context_length
+      (a ValueError otherwise), and drops it; a state_dict without one loads too.
+    """
+
+    context_length: int
+    W_query: nn.Linear
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "mask"] = _future_mask(self.context_length, self.W_query.weight)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        mask = state_dict.pop(prefix + "mask", None)  # load_state_dict passes us a copy
+        if mask is not None:
+            _check_chapter_mask(mask, self.context_length, prefix + "mask")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_chapter_mask(mask: Tensor, context_length: int, key: str) -> None:
+    n = context_length
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (n, n):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{key} in the state_dict must be the chapter's causal mask of shape "
+            f"(context_length, context_length) = ({n}, {n}), got {got}: was it saved with "
+            "another context_length?"
+        )
+    if not mask.is_meta and not torch.equal(mask, torch.ones_like(mask).triu_(diagonal=1)):
+        raise ValueError(
+            f"{key} in the state_dict is not the chapter's causal mask (1 above the diagonal, "
+            "0 elsewhere); selfattn's modules apply the causal rule themselves and cannot load "
+            "another mask"
+        )
 
 
 def _check_length(length: int, context_length: int, module: str) -> None:
@@ -36,11 +98,12 @@ def _check_length(length: int, context_length: int, module: str) -> None:
         )
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(_ChapterState):
     """Single-head causal self-attention: each token attends to itself and earlier tokens.
 
-    x (..., L, d_in) -> (..., L, d_out). Parameters as `SelfAttention_v2`, plus the chapter's
-    ``mask`` buffer and ``nn.Dropout(dropout)`` on the attention weights.
+    x (..., L, d_in) -> (..., L, d_out). Parameters as `SelfAttention_v2`, and
+    ``nn.Dropout(dropout)`` on the attention weights; the ``state_dict`` also has the chapter's
+    ``mask`` (see `_ChapterState`).
     """
 
     def __init__(
@@ -62,7 +125,6 @@ class CausalAttention(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.dropout = nn.Dropout(probability("dropout", dropout))
-        self.register_buffer("mask", _future_mask(context_length))
 
     def forward(self, x: Tensor) -> Tensor:
         x = token_input(x, self.d_in, type(self).__name__)
@@ -109,12 +171,13 @@ class MultiHeadAttentionWrapper(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.cat([head(x) for head in self.heads], dim=-1)  # (..., L, d_out * H)
-        record("output", out)  # after the heads' own records: the trace keeps this one
+        with one_layer():  # for selfattn.trace: the heads are one layer, side by side
+            out = torch.cat([head(x) for head in self.heads], dim=-1)  # (..., L, d_out * H)
+            record("output", out)  # after the heads' own records: the trace keeps this one
         return out
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_ChapterState):
     """Multi-head attention with one set of projections split into heads, and an output projection.
 
     x (..., L, d_in) -> (..., L, d_out). With the defaults it is exactly the chapter's class; the
@@ -137,7 +200,11 @@ class MultiHeadAttention(nn.Module):
         use_cache: incremental decoding. The keys and values of every call are kept in a cache
             pre-allocated for ``context_length`` tokens, and the new queries attend to all cached
             keys (causal, bottom-right aligned). Feed the prompt, then one token at a time;
-            `reset_cache()` starts a new sequence. A full cache is a ValueError.
+            `reset_cache()` starts a new sequence. A full cache is a ValueError. A call is all or
+            nothing: one that raises (a bad padding_mask, a full cache, an error in attention)
+            leaves the cache exactly as it was, so it can be retried.
+
+    The ``state_dict`` also has the chapter's ``mask`` (see `_ChapterState`).
     """
 
     def __init__(
@@ -183,7 +250,6 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, kv_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(probability("dropout", dropout))
-        self.register_buffer("mask", _future_mask(context_length))
         # The KV cache: allocated on first use, not part of the state_dict.
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
@@ -204,12 +270,18 @@ class MultiHeadAttention(nn.Module):
         q = split_heads(self.W_query(x), self.num_heads)  # (..., L, d_in) -> (B, H, L, D)
         k = split_heads(self.W_key(x), self.num_kv_heads)  # (B, Hkv, L, D)
         v = split_heads(self.W_value(x), self.num_kv_heads)  # (B, Hkv, L, D)
-        if use_cache:
-            k, v = self._append_to_cache(k, v)  # (B, Hkv, cache_len, D)
         record("queries", q)
+        if not use_cache:
+            return self._attend(x, q, k, v, self._padding(padding_mask, q.shape[0], length))
+        self._check_cache_fits(k)
+        mask = self._padding(padding_mask, q.shape[0], self.cache_len + length)
+        with self._cache_transaction(k, v) as (k, v):  # (B, Hkv, cache_len + L, D)
+            return self._attend(x, q, k, v, mask)
+
+    def _attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B, H, L, D) attends to k, v (B, Hkv, S, D); heads merged and projected."""
         record("keys", k)
         record("values", v)
-        mask = None if padding_mask is None else self._padding(padding_mask, q, k)
         context = attention(
             q,
             k,
@@ -225,7 +297,8 @@ class MultiHeadAttention(nn.Module):
         record("output", out)
         return out
 
-    def _append_to_cache(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _check_cache_fits(self, k: Tensor) -> None:
+        """Whether ``k`` (B, Hkv, L, D) can join the cache; changes nothing."""
         if k.requires_grad:
             raise ValueError(
                 "use_cache=True is for inference: decode under torch.no_grad() (or "
@@ -233,34 +306,57 @@ class MultiHeadAttention(nn.Module):
                 "through by the next"
             )
         batch, new = k.shape[0], k.shape[-2]
-        if self.cache_k is None:
-            shape = (batch, self.num_kv_heads, self.context_length, self.head_dim)
-            self.cache_k = k.new_zeros(shape)
-            self.cache_v = v.new_zeros((*shape[:-1], v.shape[-1]))
-        elif self.cache_k.shape[0] != batch:
+        if self.cache_k is not None and self.cache_k.shape[0] != batch:
             raise ValueError(
                 f"the KV cache holds a batch of {self.cache_k.shape[0]}, got {batch}; "
                 "call reset_cache() before a new batch"
             )
-        end = self.cache_len + new
-        if end > self.context_length:
+        if self.cache_len + new > self.context_length:
             raise ValueError(
                 f"KV cache full: {self.cache_len} cached + {new} new tokens exceed "
                 f"context_length={self.context_length}; call reset_cache()"
             )
-        self.cache_k[:, :, self.cache_len : end] = k  # written in place: no re-allocation
-        self.cache_v[:, :, self.cache_len : end] = v
-        self.cache_len = end
-        return self.cache_k[:, :, :end], self.cache_v[:, :, :end]
 
-    def _padding(self, padding_mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    @contextmanager
+    def _cache_transaction(self, k: Tensor, v: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The cached keys and values followed by ``k``, ``v``: (B, Hkv, cache_len + L, D) each.
+
+        The new tokens are written into the cache's free slots, in place (no copy of the cached
+        prefix), but ``cache_len`` moves past them only when the block succeeds. If it raises,
+        the slots get their old contents back and a cache allocated here is dropped: the cache
+        is exactly as it was, and a retry does not repeat the tokens.
+        """
+        fresh = self.cache_k is None
+        if fresh:  # pre-allocated once per sequence
+            shape = (k.shape[0], self.num_kv_heads, self.context_length, self.head_dim)
+            self.cache_k = k.new_zeros(shape)
+            self.cache_v = v.new_zeros((*shape[:-1], v.shape[-1]))
+        start, end = self.cache_len, self.cache_len + k.shape[-2]
+        saved = (self.cache_k[:, :, start:end].clone(), self.cache_v[:, :, start:end].clone())
+        try:
+            self.cache_k[:, :, start:end] = k  # (B, Hkv, L, D) into the free slots
+            self.cache_v[:, :, start:end] = v
+            yield self.cache_k[:, :, :end], self.cache_v[:, :, :end]
+        except BaseException:  # roll back, then let the error through
+            if fresh:
+                self.cache_k, self.cache_v = None, None
+            else:
+                self.cache_k[:, :, start:end] = saved[0]
+                self.cache_v[:, :, start:end] = saved[1]
+            raise
+        self.cache_len = end  # commit
+
+    def _padding(self, padding_mask: Tensor | None, batch: int, keys: int) -> Tensor | None:
+        """padding_mask (B, S) checked, as an attn_mask (B, 1, 1, S); None stays None."""
+        if padding_mask is None:
+            return None
         if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
             got = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask)
             raise TypeError(f"padding_mask must be a bool tensor (B, L_keys), got {got}")
-        expected = (q.shape[0], k.shape[-2])
+        expected = (batch, keys)
         if tuple(padding_mask.shape) != expected:
             raise ValueError(
                 f"padding_mask must have shape (B, L_keys) = {expected}, "
                 f"got {tuple(padding_mask.shape)}"
             )
-        return padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
+        return padding_mask[:, None, None, :]  # (B, 1, 1, S)

@@ -6,9 +6,17 @@ is a no-op costing one context-variable lookup; inside, the tensors are kept (de
 weights. `selfattn.trace` builds on this; `explain` and the tests read traces, so there is no
 second copy of the forward pass anywhere.
 
-Per-head steps are recorded in the (B, H, L, ·) layout. A module made of several single-head
-modules (the chapter's MultiHeadAttentionWrapper) records once per head; those records are
-concatenated along the head dimension.
+Per-head steps are recorded in the (B, H, L, ·) layout. The records are grouped by **layer**, one
+attention module's call:
+
+* recording ``"inputs"``, the first thing every selfattn attention module records, opens a new
+  layer; every record after it, the engine's included, belongs to that layer. So a model with
+  several attention layers (``nn.Sequential`` of two `MultiHeadAttention`, the MiniLM encoder)
+  gives one entry per layer, in the order they ran, never heads of different layers side by side.
+* a module made of several single-head modules (the chapter's `MultiHeadAttentionWrapper`) runs
+  them inside `one_layer()`: their records are one layer, per-head steps concatenated along the
+  head dimension, and for any other step the last record is kept.
+* records made before any ``"inputs"`` (a bare `attention()` call) open a layer of their own.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,7 +40,14 @@ PER_HEAD_STEPS = (
     "context",
 )
 
-_ACTIVE: ContextVar[dict[str, list[Tensor]] | None] = ContextVar("selfattn_recorder", default=None)
+
+@dataclass
+class _Store:
+    layers: list[dict[str, list[Tensor]]] = field(default_factory=list)
+    grouping: int = 0  # depth of one_layer() blocks: while > 0, "inputs" opens no new layer
+
+
+_ACTIVE: ContextVar[_Store | None] = ContextVar("selfattn_recorder", default=None)
 
 
 def is_recording() -> bool:
@@ -39,24 +55,53 @@ def is_recording() -> bool:
 
 
 def record(name: str, tensor: Tensor) -> None:
-    """Keep ``tensor`` under ``name`` if a recording is active; otherwise do nothing."""
+    """Keep ``tensor`` under ``name`` if a recording is active; otherwise do nothing.
+
+    ``name == "inputs"`` starts a new layer (outside a `one_layer()` block).
+    """
     store = _ACTIVE.get()
-    if store is not None:
-        store.setdefault(name, []).append(tensor.detach())
+    if store is None:
+        return
+    if not store.layers or (name == "inputs" and not store.grouping):
+        store.layers.append({})
+    store.layers[-1].setdefault(name, []).append(tensor.detach())
 
 
 @contextmanager
-def recording() -> Iterator[dict[str, Tensor]]:
-    """Collect every recorded step; the yielded dict is filled in when the block exits."""
-    store: dict[str, list[Tensor]] = {}
-    result: dict[str, Tensor] = {}
+def one_layer() -> Iterator[None]:
+    """Inside this block every record goes to one new layer: the heads of a module made of
+    single-head modules. Outside `recording()` it does nothing."""
+    store = _ACTIVE.get()
+    if store is None:
+        yield
+        return
+    store.layers.append({})
+    store.grouping += 1
+    try:
+        yield
+    finally:
+        store.grouping -= 1
+
+
+@contextmanager
+def recording() -> Iterator[list[dict[str, Tensor]]]:
+    """Collect every recorded step, one dict of steps per layer in the order the layers ran.
+
+    The yielded list is filled in when the block exits. In each layer's dict, per-head steps
+    are (B, H, L, ·), a module made of single-head modules having its heads concatenated.
+    """
+    store = _Store()
+    result: list[dict[str, Tensor]] = []
     token = _ACTIVE.set(store)
     try:
         yield result
     finally:
         _ACTIVE.reset(token)
-    for name, tensors in store.items():
-        if name in PER_HEAD_STEPS and len(tensors) > 1:
-            result[name] = torch.cat(tensors, dim=1)  # heads side by side
-        else:
-            result[name] = tensors[-1]
+    for layer in store.layers:
+        steps = {}
+        for name, tensors in layer.items():
+            if name in PER_HEAD_STEPS and len(tensors) > 1:
+                steps[name] = torch.cat(tensors, dim=1)  # heads side by side
+            else:
+                steps[name] = tensors[-1]
+        result.append(steps)

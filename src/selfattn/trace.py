@@ -5,14 +5,21 @@ computes attention itself. A trace is taken by running the module's own ``forwar
 `selfattn.recording.recording()`, which routes attention to the naive engine so that the scores and
 weights exist.
 
-Shapes in a trace are for one sample (``sample=``) of the batch:
+One trace is one attention layer. A module with several (``nn.Sequential`` of two
+`MultiHeadAttention`, the MiniLM encoder) gives one trace per layer with `trace_all`, or the one
+chosen with ``trace(..., layer=i)``; plain `trace` on it is a ValueError asking for that choice.
+The chapter's `MultiHeadAttentionWrapper` is one layer, its heads side by side.
+
+Shapes in a trace are for one sample (``sample=``) of the batch; L queries, S keys (S = L, unless
+a KV cache holds earlier tokens):
     inputs          (L, d_in)
-    queries, keys   (H, L, D)      H heads, D head width (d_k)
-    values          (H, L, Dv)
-    scores          (H, L, L)      Q Kᵀ
-    scaled_scores   (H, L, L)      Q Kᵀ / sqrt(d_k)
-    mask            (H, L, L)      bool, True = may attend
-    weights         (H, L, L)      softmax rows, each sums to 1
+    queries         (H, L, D)      H heads, D head width (d_k)
+    keys            (H, S, D)      the key/value head each query head reads: with grouped-query
+    values          (H, S, Dv)     attention (Hkv < H), head h is kv head h // (H / Hkv), repeated
+    scores          (H, L, S)      Q Kᵀ
+    scaled_scores   (H, L, S)      Q Kᵀ / sqrt(d_k)
+    mask            (H, L, S)      bool, True = may attend
+    weights         (H, L, S)      softmax rows, each sums to 1
     context         (H, L, Dv)     weights @ V, per head
     output          (L, d_out)     the module's output (heads merged and projected, if it does)
 """
@@ -95,30 +102,94 @@ def trace(
     x: Tensor,
     tokens: list[str] | None = None,
     *,
+    layer: int | None = None,
     sample: int = 0,
     **forward_kwargs: object,
 ) -> Trace:
-    """Run ``module(x, **forward_kwargs)`` and return its intermediates for batch item ``sample``.
+    """Run ``module(x, **forward_kwargs)`` and return its attention's intermediates for batch
+    item ``sample``.
 
-    x is (L, d_in) or (B, L, d_in). ``tokens`` labels the L positions (default "0", "1", ...).
-    The module runs in eval mode semantics of its current state: call ``module.eval()`` first
-    for a trace without dropout.
+    x is (L, d_in) or (B, L, d_in) (or whatever the module's forward takes). ``tokens`` labels
+    the L positions (default "0", "1", ...). A module that runs several attention layers needs
+    ``layer=`` (0 = the first to run), which the trace's ``extras["layer"]`` records; `trace_all`
+    gives them all. The module runs in the mode it is in: call ``module.eval()`` first for a
+    trace without dropout.
     """
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+    layers = _record(module, x, forward_kwargs)
+    if layer is None:
+        if len(layers) > 1:
+            raise ValueError(
+                f"{type(module).__name__} ran {len(layers)} attention layers; pick one with "
+                f"trace(..., layer=i) for i in 0..{len(layers) - 1}, or take them all with "
+                "trace_all(...)"
+            )
+        return _make_trace(module, layers[0], tokens, sample)
+    if not 0 <= layer < len(layers):
+        raise ValueError(
+            f"layer {layer} is out of range: {type(module).__name__} ran {len(layers)} attention "
+            f"layer(s), 0..{len(layers) - 1}"
+        )
+    result = _make_trace(module, layers[layer], tokens, sample)
+    result.extras["layer"] = layer
+    return result
+
+
+def trace_all(
+    module: nn.Module,
+    x: Tensor,
+    tokens: list[str] | None = None,
+    *,
+    sample: int = 0,
+    **forward_kwargs: object,
+) -> list[Trace]:
+    """One `Trace` per attention layer that ``module(x, **forward_kwargs)`` runs, in the order
+    they ran, each with ``extras["layer"]`` = its index; arguments as `trace`. The module runs
+    once."""
+    layers = _record(module, x, forward_kwargs)
+    traces = []
+    for index, steps in enumerate(layers):
+        result = _make_trace(module, steps, tokens, sample)
+        result.extras["layer"] = index
+        traces.append(result)
+    return traces
+
+
+def _record(module: nn.Module, x: Tensor, forward_kwargs: dict) -> list[dict[str, Tensor]]:
+    """Run the module under `recording()`: the steps of each attention layer it ran."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"trace expects an nn.Module, got {type(module).__name__}")
-    with torch.no_grad(), recording() as rec:
+    with torch.no_grad(), recording() as layers:
         module(x, **forward_kwargs)
-    if "weights" not in rec:
+    layers = [steps for steps in layers if "weights" in steps]
+    if not layers:
         raise ValueError(f"{type(module).__name__} recorded no attention: is it a selfattn module?")
-    length = rec["weights"].shape[-2]
+    return layers
+
+
+def _make_trace(
+    module: nn.Module, recorded: dict[str, Tensor], tokens: list[str] | None, sample: int
+) -> Trace:
+    """One layer's records (B, H, L, ·) as a `Trace` of batch item ``sample`` (H, L, ·)."""
+    batch, length = recorded["weights"].shape[0], recorded["weights"].shape[-2]
+    if not -batch <= sample < batch:
+        raise ValueError(f"sample {sample} is out of range: the batch has items 0..{batch - 1}")
     if tokens is None:
         tokens = [str(i) for i in range(length)]
     if len(tokens) != length:
         raise ValueError(f"got {len(tokens)} token labels for a sequence of {length} tokens")
     steps = {}
-    for name, tensor in rec.items():
+    for name, tensor in recorded.items():
         if name in PER_HEAD_STEPS:
             steps[name] = tensor[sample]  # (N, H, L, ·) -> (H, L, ·)
         else:
             steps[name] = tensor.reshape(-1, *tensor.shape[-2:])[sample]  # (..., L, d) -> (L, d)
-    return Trace(module=type(module).__name__, tokens=list(tokens), steps=steps)
+    extras: dict[str, object] = {}
+    heads = steps["weights"].shape[0]
+    for name in ("keys", "values"):
+        kv_heads = steps[name].shape[0] if name in steps else heads
+        if kv_heads != heads:  # grouped-query attention: query head h reads kv head h // group
+            steps[name] = steps[name].repeat_interleave(heads // kv_heads, dim=0)  # -> (H, S, ·)
+            extras["num_kv_heads"] = kv_heads
+    return Trace(module=type(module).__name__, tokens=list(tokens), steps=steps, extras=extras)

@@ -14,6 +14,7 @@ from selfattn.models.minilm import (
     load_minilm,
     load_tokenizer,
     model_dir,
+    real_tokens,
     trace_layers,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "load_minilm",
     "load_tokenizer",
     "model_dir",
+    "real_tokens",
     "trace_layers",
 ]

@@ -133,8 +133,10 @@ class MiniLM(nn.Module):
     """The all-MiniLM-L6-v2 encoder: `Embeddings`, then ``cfg.layers`` `EncoderLayer`s.
 
     ``forward(input_ids (B, L), attention_mask (B, L) | None) -> (B, L, E)``, the last hidden
-    states. attention_mask follows Hugging Face: 1 (or True) = a real token, 0 = padding;
-    None means every token is real.
+    states. attention_mask follows Hugging Face, in either of its conventions (`real_tokens`):
+    bool or integer, 1 (True) = a real token and 0 = padding, or float additive, 0.0 = a real
+    token and a large negative value (-10000.0, finfo.min) = padding. None means every token
+    is real.
     """
 
     def __init__(self, cfg: MiniLMConfig | None = None) -> None:
@@ -185,12 +187,61 @@ class MiniLM(nn.Module):
             )
         if attention_mask is None:
             return None
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                f"attention_mask must be a tensor (B, L), got {type(attention_mask).__name__}"
+            )
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask must match input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        return attention_mask.bool()  # (B, L), True = real token
+        return real_tokens(attention_mask)  # (B, L), True = real token
+
+
+# An additive mask hides a key with a large negative number: transformers' BERT used -10000.0,
+# newer code uses torch.finfo(dtype).min; -inf works too.
+ADDITIVE_MASKED = -10000.0
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def real_tokens(attention_mask: Tensor) -> Tensor:
+    """attention_mask (B, L) in either Hugging Face convention, as bool (B, L), True = real token.
+
+    * bool: True = a real token, False = padding.
+    * integer (Hugging Face's ``attention_mask``): 1 = a real token, 0 = padding.
+    * float, additive (what is added to the scores): 0.0 = a real token, a large negative
+      value (<= -10000: -10000.0, ``torch.finfo(dtype).min``, -inf) = padding.
+
+    Anything else is refused rather than guessed: a TypeError for another dtype, a ValueError
+    naming the values for an integer mask that is not 0/1 or a float mask that is not additive
+    (a float 1.0/0.0 mask would be ambiguous: pass it as ``.long()`` or ``.bool()``).
+    """
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if attention_mask.is_floating_point():
+        real = attention_mask == 0  # (B, L)
+        hidden = attention_mask <= ADDITIVE_MASKED
+        if not bool((real | hidden).all()):
+            odd = attention_mask[~(real | hidden)].unique()[:5].tolist()
+            raise ValueError(
+                "a float attention_mask is additive: 0.0 = a real token, a large negative value "
+                f"(<= {ADDITIVE_MASKED}, e.g. torch.finfo(dtype).min) = padding; got {odd}. For "
+                "a 1 = real / 0 = padding mask, pass an integer or bool tensor"
+            )
+        return real
+    if attention_mask.dtype not in _INTEGER_DTYPES:
+        raise TypeError(
+            "attention_mask must be bool (True = real token), integer (1 = real, 0 = padding) "
+            f"or float additive (0 = real, <= {ADDITIVE_MASKED} = padding), "
+            f"got {attention_mask.dtype}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+        raise ValueError(
+            f"an integer attention_mask must hold 1 (real token) or 0 (padding), got {odd}"
+        )
+    return attention_mask == 1
 
 
 def trace_layers(
