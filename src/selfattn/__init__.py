@@ -10,7 +10,7 @@ from selfattn.functional import (
 )
 from selfattn.masks import causal_mask, key_padding_mask, sliding_window_mask
 from selfattn.seed import SelfAttention_v1, SelfAttention_v2
-from selfattn.trace import Trace, trace
+from selfattn.trace import Trace, trace, trace_all
 
 __all__ = [
     "CausalAttention",
@@ -28,6 +28,7 @@ __all__ = [
     "merge_partials",
     "sliding_window_mask",
     "trace",
+    "trace_all",
 ]
 
 __version__ = "0.1.0"

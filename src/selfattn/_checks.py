@@ -119,7 +119,8 @@ def check_flag(name: str, value: bool) -> bool:
     return value
 
 
-def check_window(window: int | None, is_causal: bool) -> int | None:
+def check_window(window: int | None, is_causal: bool, causal_name: str = "is_causal") -> int | None:
+    """A sliding window: None, or an int >= 1 that comes with causal masking."""
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, int):
@@ -127,7 +128,7 @@ def check_window(window: int | None, is_causal: bool) -> int | None:
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if not is_causal:
-        raise ValueError(f"window={window} needs is_causal=True (a sliding window looks back)")
+        raise ValueError(f"window={window} needs {causal_name}=True (a sliding window looks back)")
     return window
 
 

@@ -26,7 +26,14 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from selfattn._checks import merge_heads, positive_int, probability, split_heads, token_input
+from selfattn._checks import (
+    check_window,
+    merge_heads,
+    positive_int,
+    probability,
+    split_heads,
+    token_input,
+)
 from selfattn.functional import attention
 from selfattn.recording import one_layer, record
 
@@ -235,10 +242,7 @@ class MultiHeadAttention(_ChapterState):
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
             )
-        if window is not None:
-            positive_int("window", window)
-            if not causal:
-                raise ValueError(f"window={window} needs causal=True")
+        check_window(window, causal, "causal")
         self.head_dim = d_out // num_heads
         self.causal = causal
         self.window = window
