@@ -1,33 +1,36 @@
 """Engine benchmarks: the tiled (FlashAttention) engine against SDPA and the naive reference.
 
-    python benchmarks/engines.py [--quick] [--repeats N] [--cases 1,2,3,4,5]
+    python benchmarks/engines.py [--quick] [--repeats N] [--cases 1,2,3,4,5] [--out FILE]
+    python benchmarks/engines.py --scale 64 --repeats 1     # a smoke test, in seconds
 
 fp32, B=1, E=64, on the CPU. Every case first checks that the contenders agree (on the very
-inputs it times), then times them interleaved (so a busy machine slows all alike) and reports
-medians:
+inputs it times), then times them round-robin (so a busy machine slows all alike) and reports
+medians. Timing, peak memory and the machine's description come from `selfattn.bench` (its
+`timing.interleaved`, `memory.peak_bytes` and `machine.summary`), the harness behind
+`selfattn bench`.
 
 1. forward, L=4096, H=8: tiled vs sdpa                          target: tiled >= 0.8x sdpa's speed
 2. forward, L=8192, H=8: tiled causal vs tiled full             target: causal >= 1.7x faster
 3. forward, L=8192, H=8, window 256: tiled vs sdpa + dense mask target: tiled >= 2x faster
-4. peak extra memory of forward + backward, H=1, each in a fresh process (ru_maxrss after the
-   inputs exist, subtracted): tiled at L=16384 vs naive at L=8192 (target <= 1/8) and vs sdpa at
-   L=16384 (target <= 2x)
+4. peak extra memory of forward + backward, H=1, each in a fresh process (the kernel's
+   high-water mark of the resident size, reset just before the call, minus the resident size
+   then): tiled at L=16384 vs naive at L=8192 (target <= 1/8) and vs sdpa at L=16384
+   (target <= 2x)
 5. forward at L=131072, H=1 (causal and full): completes; time and memory
 
-The internal flag ``--memory-case NAME`` runs one memory case and prints one JSON line.
+``--scale N`` divides every length (and the window) by N, for a quick check that the script
+runs; targets are judged only at full size. Exit status 1 when a judged target is missed or the
+contenders disagree. The internal flag ``--memory-case NAME`` runs one memory case and prints
+one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,10 +46,15 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import selfattn
 
+from selfattn.bench import machine
+from selfattn.bench.checks import row_errors
+from selfattn.bench.memory import peak_bytes
+from selfattn.bench.timing import interleaved
 from selfattn.masks import causal_mask
 
 E = 64
-FP32_TOL = 2e-4  # max abs difference between engines on the benchmark inputs (|out| ~ 1)
+# The worst query row's ||out - out_first|| / ||out_first|| between two engines (fp32).
+AGREEMENT = 1e-4
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -73,34 +81,29 @@ def flops(heads: int, lq: int, lk: int, *, is_causal=False, window: int | None =
     return 4 * E * heads * seen
 
 
-def check_close(name: str, results: dict[str, torch.Tensor]) -> float:
-    """Max abs difference of every result against the first; raises when above FP32_TOL."""
+def check_agree(name: str, results: dict[str, torch.Tensor]) -> float:
+    """The worst row's relative difference of every result (B, H, L, E) from the first; exits
+    with status 1 above AGREEMENT."""
     (first, ref), *others = results.items()
+    ref = ref.double()
     worst = 0.0
     for other, out in others:
-        err = (out - ref).abs().max().item()
+        err = float(row_errors(out, ref).max())
         worst = max(worst, err)
-        if not err <= FP32_TOL:
-            raise SystemExit(f"{name}: {other} differs from {first} by {err:.2e} > {FP32_TOL}")
+        if not err <= AGREEMENT:
+            raise SystemExit(f"{name}: {other} differs from {first} by {err:.2e} > {AGREEMENT}")
     return worst
 
 
-def time_interleaved(
+def time_forward(
     fns: dict[str, Callable[[], torch.Tensor]], repeats: int, check: str | None = None
 ) -> dict[str, float]:
-    """Warm up (and, given a ``check`` name, check that the results agree), then time the
-    functions round-robin, so that a busy machine slows all of them alike. Medians, in s."""
+    """Check that the forward results agree (given a ``check`` name; the call doubles as a
+    warm-up), then time the functions round-robin under no_grad. Medians, in seconds."""
     with torch.no_grad():
-        warm = {name: fn() for name, fn in fns.items()}
         if check:
-            check_close(check, warm)
-        del warm
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
+            check_agree(check, {name: fn() for name, fn in fns.items()})
+        samples = interleaved(fns, repeats, warmup=0 if check else 1)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -112,10 +115,13 @@ class Row:
     flops: int | None = None  # for GFLOP/s
     measured: str = ""
     target: str = ""
-    ok: bool | None = None
+    ok: bool | None = None  # None: no target, or not judged at this size
 
     def cells(self) -> list[str]:
         gflops = self.flops / self.seconds / 1e9 if self.flops and self.seconds else None
+        verdict = {None: "", True: "[green]PASS[/green]", False: "[red]MISS[/red]"}[self.ok]
+        if self.target and self.ok is None:
+            verdict = "[dim]not judged[/dim]"
         return [
             self.case,
             self.contender,
@@ -123,8 +129,26 @@ class Row:
             "" if gflops is None else f"{gflops:.0f}",
             self.measured,
             self.target,
-            {None: "", True: "[green]PASS[/green]", False: "[red]MISS[/red]"}[self.ok],
+            verdict,
         ]
+
+
+@dataclass(frozen=True)
+class Size:
+    """The lengths of a run: full size, or every length divided by ``scale`` (smoke tests)."""
+
+    scale: int = 1
+
+    def __call__(self, length: int) -> int:
+        return max(64, length // self.scale)
+
+    @property
+    def window(self) -> int:
+        return max(16, 256 // self.scale)
+
+    def judge(self, ok: bool) -> bool | None:
+        """Targets hold at full size only: a scaled run reports them without a verdict."""
+        return ok if self.scale == 1 else None
 
 
 # ------------------------------------------------------------------------------ memory cases
@@ -140,93 +164,42 @@ MEMORY_CASES = {
 }
 
 
-def max_rss_bytes() -> int:
-    """Peak resident memory of this process so far (getrusage)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-def rss_bytes() -> int:
-    """Resident memory now (Linux); elsewhere the peak so far, which may overstate it."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return max_rss_bytes()
-
-
-def anon_rss_bytes() -> int | None:
-    """Resident anonymous memory now (Linux): the tensors, without the mapped library code."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:")), 0)
-    return int(kib) * 1024 or None
-
-
-class PeakSampler(threading.Thread):
-    """Samples anonymous RSS every millisecond (torch ops release the GIL) and keeps the peak."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = anon_rss_bytes() or 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.001):
-            self.peak = max(self.peak, anon_rss_bytes() or 0)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.join()
-        return max(self.peak, anon_rss_bytes() or 0)
-
-
-def run_memory_case(name: str) -> None:
+def run_memory_case(name: str, size: Size) -> None:
     """In this (fresh) process: warm up at a small size, allocate the inputs, then run the case
-    once; print the peak memory growth and the time as one JSON line.
-
-    ``extra_bytes`` is ru_maxrss after the case minus the resident memory just before it. Where
-    /proc gives it (Linux), the peak of *anonymous* memory is sampled as well, and is the number
-    reported: the plain peak RSS also counts library code paged in (or back in) while the case
-    runs, which made it swing by hundreds of MiB between runs on a busy machine.
-    """
+    once under `peak_bytes`; print the peak memory growth and the time as one JSON line."""
     backend, length, heads, backward, is_causal = MEMORY_CASES[name]
-    small = qkv(64, heads, grad=backward)  # load kernels and libraries before the baseline
+    # Warm up on a shorter case that still spans several tiles and wakes the thread pool, so
+    # that libraries, kernels and thread stacks are resident before the baseline.
+    small = qkv(min(size(length), 1024), heads, grad=backward)
     out = attention(*small, backend, is_causal=is_causal)
     if backward:
-        out.sum().backward()
+        out.backward(torch.randn_like(out))
     del small, out
 
-    q, k, v = qkv(length, heads, grad=backward)
-    grad_out = torch.randn(1, heads, length, E) if backward else None
-    rss_before, anon_before = rss_bytes(), anon_rss_bytes()
-    sampler = PeakSampler()
-    sampler.start()
-    start = time.perf_counter()
-    if backward:
-        out = attention(q, k, v, backend, is_causal=is_causal)
-        out.backward(grad_out)
-    else:
-        with torch.no_grad():
+    q, k, v = qkv(size(length), heads, grad=backward)
+    grad_out = torch.randn_like(q) if backward else None
+    result: dict = {}
+
+    def call() -> None:
+        start = time.perf_counter()
+        if backward:
             out = attention(q, k, v, backend, is_causal=is_causal)
-    seconds = time.perf_counter() - start
-    anon_peak = sampler.stop()
-    rss_extra = max_rss_bytes() - rss_before
-    anon_extra = None if anon_before is None else anon_peak - anon_before
-    finite = bool(out.isfinite().all()) and (not backward or bool(q.grad.isfinite().all()))
-    result = {
-        "extra_bytes": rss_extra if anon_extra is None else anon_extra,
-        "maxrss_extra_bytes": rss_extra,
-        "s": seconds,
-        "ok": finite,
-    }
+            out.backward(grad_out)
+        else:
+            with torch.no_grad():
+                out = attention(q, k, v, backend, is_causal=is_causal)
+        result["s"] = time.perf_counter() - start
+        result["ok"] = bool(out.isfinite().all()) and (
+            not backward or bool(q.grad.isfinite().all())
+        )
+
+    result["extra_bytes"] = peak_bytes(call)
     print(json.dumps(result))
 
 
-def memory_case(name: str) -> dict:
+def memory_case(name: str, size: Size) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-case", name]
+    cmd += ["--scale", str(size.scale)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"memory case {name} failed:\n{done.stderr}")
@@ -236,48 +209,35 @@ def memory_case(name: str) -> dict:
     return result
 
 
-# -------------------------------------------------------------------------------- the report
+# -------------------------------------------------------------------------------- the cases
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line
-        )
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), load average {load}"
-    )
-
-
-def bench_forward(repeats: int) -> list[Row]:
+def bench_forward(repeats: int, size: Size) -> list[Row]:
     """1. tiled vs sdpa, forward."""
-    q, k, v = qkv(4096, 8)
-    t = time_interleaved(
+    n = size(4096)
+    q, k, v = qkv(n, 8)
+    t = time_forward(
         {"sdpa": lambda: attention(q, k, v, "sdpa"), "tiled": lambda: attention(q, k, v, "tiled")},
         repeats,
-        check="L=4096",
+        check=f"L={n}",
     )
-    speed, n = t["sdpa"] / t["tiled"], flops(8, 4096, 4096)
+    speed, work = t["sdpa"] / t["tiled"], flops(8, n, n)
     return [
-        Row("1. fwd L=4096 H=8", "sdpa", t["sdpa"], n),
-        Row("", "tiled", t["tiled"], n, f"{speed:.2f}x sdpa", ">= 0.8x", speed >= 0.8),
-    ]
+        Row(f"1. fwd L={n} H=8", "sdpa", t["sdpa"], work),
+        Row("", "tiled", t["tiled"], work, f"{speed:.2f}x sdpa", ">= 0.8x",
+            size.judge(speed >= 0.8)),
+    ]  # fmt: skip
 
 
-def bench_causal(repeats: int) -> list[Row]:
+def bench_causal(repeats: int, size: Size) -> list[Row]:
     """2. causal vs full, tiled, forward (causal checked against sdpa first)."""
-    q, k, v = qkv(8192, 8, seed=1)
+    n = size(8192)
+    q, k, v = qkv(n, 8, seed=1)
     with torch.no_grad():
-        causal = {b: attention(q, k, v, b, is_causal=True) for b in ("sdpa", "tiled")}
-        check_close("causal L=8192", causal)
-        del causal
-    t = time_interleaved(
+        outs = {b: attention(q, k, v, b, is_causal=True) for b in ("sdpa", "tiled")}
+        check_agree(f"causal L={n}", outs)
+        del outs
+    t = time_forward(
         {
             "full": lambda: attention(q, k, v, "tiled"),
             "causal": lambda: attention(q, k, v, "tiled", is_causal=True),
@@ -286,62 +246,67 @@ def bench_causal(repeats: int) -> list[Row]:
     )
     speed = t["full"] / t["causal"]
     return [
-        Row("2. fwd L=8192 H=8", "tiled full", t["full"], flops(8, 8192, 8192)),
+        Row(f"2. fwd L={n} H=8", "tiled full", t["full"], flops(8, n, n)),
         Row(
-            "", "tiled causal", t["causal"], flops(8, 8192, 8192, is_causal=True),
-            f"{speed:.2f}x faster", ">= 1.7x", speed >= 1.7,
+            "", "tiled causal", t["causal"], flops(8, n, n, is_causal=True),
+            f"{speed:.2f}x faster", ">= 1.7x", size.judge(speed >= 1.7),
         ),
     ]  # fmt: skip
 
 
-def bench_window(repeats: int) -> list[Row]:
+def bench_window(repeats: int, size: Size) -> list[Row]:
     """3. sliding window: tiled skips blocks, sdpa computes everything under a dense mask."""
-    q, k, v = qkv(8192, 8, seed=2)
-    dense = causal_mask(8192, 8192, window=256)  # (L, L) bool, built once, outside the timing
-    t = time_interleaved(
+    n, w = size(8192), size.window
+    q, k, v = qkv(n, 8, seed=2)
+    dense = causal_mask(n, n, window=w)  # (L, L) bool, built once, outside the timing
+    t = time_forward(
         {
             "sdpa": lambda: attention(q, k, v, "sdpa", attn_mask=dense),
-            "tiled": lambda: attention(q, k, v, "tiled", is_causal=True, window=256),
+            "tiled": lambda: attention(q, k, v, "tiled", is_causal=True, window=w),
         },
         repeats,
-        check="window 256",
+        check=f"window {w}",
     )
-    speed, n = t["sdpa"] / t["tiled"], flops(8, 8192, 8192, is_causal=True, window=256)
+    speed, work = t["sdpa"] / t["tiled"], flops(8, n, n, is_causal=True, window=w)
     return [
-        Row("3. fwd L=8192 H=8 W=256", "sdpa + dense mask", t["sdpa"], n),
-        Row("", "tiled window", t["tiled"], n, f"{speed:.1f}x faster", ">= 2x", speed >= 2.0),
-    ]
-
-
-def bench_memory() -> list[Row]:
-    """4. peak extra memory of forward + backward, each case in a fresh process."""
-    mem = {name: memory_case(name) for name in ("naive-8k", "sdpa-16k", "tiled-16k")}
-    mib = {name: r["extra_bytes"] / 2**20 for name, r in mem.items()}
-    vs_naive = mib["tiled-16k"] / max(mib["naive-8k"], 1e-9)
-    vs_sdpa = mib["tiled-16k"] / max(mib["sdpa-16k"], 1e-9)
-    return [
-        Row("4. fwd+bwd memory H=1", "naive L=8192", mem["naive-8k"]["s"],
-            measured=f"{mib['naive-8k']:,.0f} MiB"),
-        Row("", "sdpa L=16384", mem["sdpa-16k"]["s"], measured=f"{mib['sdpa-16k']:,.0f} MiB"),
-        Row("", "tiled L=16384", mem["tiled-16k"]["s"], measured=f"{mib['tiled-16k']:,.0f} MiB"),
-        Row("", "tiled 16k / naive 8k", measured=f"1/{1 / max(vs_naive, 1e-9):.0f}",
-            target="<= 1/8", ok=vs_naive <= 1 / 8),
-        Row("", "tiled 16k / sdpa 16k", measured=f"{vs_sdpa:.2f}x", target="<= 2x",
-            ok=vs_sdpa <= 2.0),
+        Row(f"3. fwd L={n} H=8 W={w}", "sdpa + dense mask", t["sdpa"], work),
+        Row("", "tiled window", t["tiled"], work, f"{speed:.1f}x faster", ">= 2x",
+            size.judge(speed >= 2.0)),
     ]  # fmt: skip
 
 
-def bench_long(quick: bool) -> list[Row]:
+def bench_memory(size: Size) -> list[Row]:
+    """4. peak extra memory of forward + backward, each case in a fresh process."""
+    mem = {name: memory_case(name, size) for name in ("naive-8k", "sdpa-16k", "tiled-16k")}
+    mib = {name: r["extra_bytes"] / 2**20 for name, r in mem.items()}
+    vs_naive = mib["tiled-16k"] / max(mib["naive-8k"], 1e-9)
+    vs_sdpa = mib["tiled-16k"] / max(mib["sdpa-16k"], 1e-9)
+    short, long = size(8192), size(16384)
+    return [
+        Row("4. fwd+bwd memory H=1", f"naive L={short}", mem["naive-8k"]["s"],
+            measured=f"{mib['naive-8k']:,.0f} MiB"),
+        Row("", f"sdpa L={long}", mem["sdpa-16k"]["s"], measured=f"{mib['sdpa-16k']:,.0f} MiB"),
+        Row("", f"tiled L={long}", mem["tiled-16k"]["s"],
+            measured=f"{mib['tiled-16k']:,.0f} MiB"),
+        Row("", f"tiled {long} / naive {short}", measured=f"1/{1 / max(vs_naive, 1e-9):.0f}",
+            target="<= 1/8", ok=size.judge(vs_naive <= 1 / 8)),
+        Row("", f"tiled {long} / sdpa {long}", measured=f"{vs_sdpa:.2f}x", target="<= 2x",
+            ok=size.judge(vs_sdpa <= 2.0)),
+    ]  # fmt: skip
+
+
+def bench_long(quick: bool, size: Size) -> list[Row]:
     """5. a long single-head forward (its own process: time and peak extra memory)."""
     rows = []
     for name in ("tiled-32k",) if quick else ("tiled-128k-causal", "tiled-128k"):
-        r = memory_case(name)
+        r = memory_case(name, size)
         _, length, _, _, is_causal = MEMORY_CASES[name]
-        label = "" if rows else f"5. fwd L={length} H=1"
-        n = flops(1, length, length, is_causal=is_causal)
+        n = size(length)
+        label = "" if rows else f"5. fwd L={n} H=1"
+        work = flops(1, n, n, is_causal=is_causal)
         contender = "tiled causal" if is_causal else "tiled full"
         memory = f"{r['extra_bytes'] / 2**20:,.0f} MiB"
-        rows.append(Row(label, contender, r["s"], n, memory, "completes", True))
+        rows.append(Row(label, contender, r["s"], work, memory, "completes", True))
     return rows
 
 
@@ -352,26 +317,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cases", default="1,2,3,4,5", help="which of the numbered cases to run (default: all)"
     )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        metavar="N",
+        help="divide every length by N (a smoke test; targets are judged at full size only)",
+    )
+    parser.add_argument("--out", metavar="FILE", help="also write the report as text to FILE")
     parser.add_argument("--memory-case", choices=sorted(MEMORY_CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale < 1:
+        parser.error(f"--scale must be >= 1, got {args.scale}")
+    size = Size(args.scale)
     if args.memory_case:
-        run_memory_case(args.memory_case)
+        run_memory_case(args.memory_case, size)
         return 0
 
     repeats = args.repeats or (3 if args.quick else 7)
-    console = Console()
-    console.print(f"[bold]selfattn engines[/bold]: fp32, B=1, E={E}; {machine()}")
-    table = Table("case", "contender", "median", "GFLOP/s", "measured", "target", "")
     sections = {
-        "1": lambda: bench_forward(repeats),
-        "2": lambda: bench_causal(repeats),
-        "3": lambda: bench_window(repeats),
-        "4": bench_memory,
-        "5": lambda: bench_long(args.quick),
+        "1": lambda: bench_forward(repeats, size),
+        "2": lambda: bench_causal(repeats, size),
+        "3": lambda: bench_window(repeats, size),
+        "4": lambda: bench_memory(size),
+        "5": lambda: bench_long(args.quick, size),
     }
     chosen = [c.strip() for c in args.cases.split(",")]
     if unknown := [c for c in chosen if c not in sections]:
         parser.error(f"unknown case(s) {unknown}; expected some of {list(sections)}")
+    console = Console(record=True, width=100 if args.out else None)
+    scaled = f"; lengths / {size.scale}, targets not judged" if size.scale > 1 else ""
+    console.print(f"[bold]selfattn engines[/bold]: fp32, B=1, E={E}{scaled}; {machine.summary()}")
+    table = Table("case", "contender", "median", "GFLOP/s", "measured", "target", "")
+    started = time.perf_counter()
     missed = 0
     for section in (sections[c] for c in chosen):
         for row in section():
@@ -380,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         table.add_section()
     console.print(table)
     console.print(
-        "GFLOP/s counts 4·E per visible (query, key) pair. Memory: peak RSS growth over the "
-        "inputs, one fresh process per case."
+        "GFLOP/s counts 4·E per visible (query, key) pair. Memory: the peak resident size of one "
+        "call beyond the inputs (the kernel's high-water mark), one fresh process per case. "
+        f"{time.perf_counter() - started:.0f} s in all."
     )
+    if args.out:
+        Path(args.out).write_text(console.export_text())
     return 1 if missed else 0
 
 

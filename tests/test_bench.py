@@ -24,7 +24,8 @@ from selfattn.bench import (
     write_json,
 )
 from selfattn.bench.contenders import ProjectedKernel
-from selfattn.bench.runner import STATUSES, _extrapolate
+from selfattn.bench.results import STATUSES
+from selfattn.bench.runner import _extrapolate
 from selfattn.cli import main
 
 SELFATTN = ("mha-auto", "mha-sdpa", "mha-tiled", "mha-naive", "wrapper-naive")
@@ -273,3 +274,192 @@ def test_decode_preset_small(tmp_path):
     assert by["mha-auto+cache"].extra["cache"] is True
     write_json(results, tmp_path / "decode.json")
     assert json.loads((tmp_path / "decode.json").read_text())["settings"]["kind"] == "decode"
+
+
+# ----------------------------------------------------------------------------- the correctness gate
+
+
+def _sdpa_layer(case, w, kernel):
+    return ProjectedKernel(case, w, kernel).to(case.torch_dtype).eval()
+
+
+def _causal_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_a_contender_wrong_on_one_late_row_only_is_wrong():
+    """1e-4 off on the last row alone: the old measure (largest absolute error over the
+    largest reference value) could not see it; the worst row's relative error does."""
+
+    def build(case, w, device):
+        m = _sdpa_layer(case, w, _causal_sdpa)
+
+        def fn(x):
+            y = m(x).clone()
+            y[:, -1] = y[:, -1] * (1 + 1e-4)
+            return y
+
+        return Built(fn=fn, module=m)
+
+    config = BenchConfig(
+        preset="quick",
+        contenders=("mha-auto", Contender("late-row", "off on the last row", build)),
+        lengths=(96,),
+        repeats=1,
+        measure_memory=False,
+    )
+    by = {(m.contender, m.pass_): m for m in run_benchmark(config).measurements}
+    for p in ("fwd", "fwd+bwd"):
+        wrong, ok = by[("late-row", p)], by[("mha-auto", p)]
+        assert wrong.status == "wrong" and wrong.max_error > wrong.tolerance
+        assert wrong.samples_s == [] and wrong.median_s is None
+        assert ok.status == "ok" and ok.max_error < ok.tolerance / 10
+
+
+class _WrongBackward(torch.autograd.Function):
+    """Causal attention with a correct forward and a gradient of v that is 1% too large."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return _causal_sdpa(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _WrongBackward.calls += 1
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+            dq, dk, dv = torch.autograd.grad(_causal_sdpa(q, k, v), (q, k, v), grad)
+        return dq, dk, dv * 1.01
+
+
+def test_a_contender_with_a_wrong_backward_is_wrong_and_its_backward_never_timed():
+    def build(case, w, device):
+        m = _sdpa_layer(case, w, _WrongBackward.apply)
+        return Built(fn=m, module=m)
+
+    _WrongBackward.calls = 0
+    config = BenchConfig(
+        preset="quick",
+        contenders=("mha-auto", Contender("bad-grad", "wrong dv", build)),
+        lengths=(64,),
+        repeats=2,
+        measure_memory=False,
+    )
+    by = {(m.contender, m.pass_): m for m in run_benchmark(config).measurements}
+    bad = by[("bad-grad", "fwd+bwd")]
+    assert bad.status == "wrong" and "gradient" in bad.reason
+    assert bad.grad_error > bad.grad_tolerance and bad.samples_s == []
+    assert _WrongBackward.calls == 1  # the gradient check, and no timed call after it
+    assert by[("bad-grad", "fwd")].status == "ok"  # its forward is right, and timed
+    good = by[("mha-auto", "fwd+bwd")]
+    assert good.status == "ok" and good.grad_error < good.grad_tolerance / 10
+
+
+# ----------------------------------------------------------------------------- memory and state
+
+
+def test_peak_bytes_sees_a_short_lived_allocation():
+    from selfattn.bench.memory import peak_bytes
+
+    def spike():  # 200 MB, written (so resident) and freed at once
+        t = torch.ones(50_000_000)
+        del t
+
+    assert peak_bytes(spike) >= 190e6
+    assert peak_bytes(lambda: None) < 20e6
+
+
+def test_module_state_is_measured_and_shown(capsys):
+    from rich.console import Console
+
+    from selfattn.bench import render
+    from selfattn.bench.contenders import Weights, get_contender
+
+    case = Case(1, 2, 32, 8, True, "fp32")
+    built = get_contender("mha-naive").build(case, Weights.make(case.d_model, 0), "cpu")
+    tensors = [*built.module.parameters(), *built.module.buffers()]
+    expected = sum(t.numel() * t.element_size() for t in tensors)
+    assert built.module_bytes() == expected > 4 * 16 * 16 * 4  # four d x d fp32 weights at least
+
+    config = BenchConfig(
+        preset="quick",
+        contenders=("mha-naive",),
+        heads=(2,),
+        head_dim=(8,),
+        lengths=(32,),
+        passes=("fwd",),
+        repeats=1,
+        measure_memory=False,
+    )
+    results = run_benchmark(config)
+    (m,) = results.measurements
+    assert m.module_bytes == expected
+    render(results, Console(width=250, force_terminal=False))
+    printed = capsys.readouterr().out
+    assert "state" in printed and f"{expected / 2**10:.3g} KiB" in printed
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_bench_modules_import_one_way():
+    """Each bench module imports only modules before it in this chain (functions included)."""
+    import ast
+    from pathlib import Path
+
+    import selfattn.bench
+
+    chain = ["results", "timing", "machine", "contenders", "checks", "presets", "memory",
+             "decode", "runner", "report", "cli"]  # fmt: skip
+    folder = Path(selfattn.bench.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} - {"__init__"} == set(chain)
+    for i, name in enumerate(chain):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                used = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                used = [a.name for a in node.names]
+            else:
+                continue
+            for module in used:
+                if module.startswith("selfattn.bench."):
+                    other = module.split(".")[2]
+                    assert chain.index(other) < i, f"{name} imports {other}"
+
+
+# ------------------------------------------------------------------------ benchmarks/engines.py
+
+
+def _engines_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engines.py"
+    spec = importlib.util.spec_from_file_location("engines_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_engines_script_runs_tiny(tmp_path):
+    engines = _engines_script()
+    out = tmp_path / "engines.txt"
+    assert engines.main(["--scale", "64", "--repeats", "1", "--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for needle in ("1. fwd", "2. fwd", "3. fwd", "4. fwd+bwd", "5. fwd", "not judged", "MiB"):
+        assert needle in text
+
+
+def test_engines_script_exits_1_when_a_target_is_missed(monkeypatch):
+    engines = _engines_script()
+    missed = [engines.Row("1. fwd", "tiled", 1.0, target=">= 0.8x", ok=False)]
+    monkeypatch.setattr(engines, "bench_forward", lambda repeats, size: missed)
+    assert engines.main(["--cases", "1"]) == 1
+    assert engines.Size(1).judge(False) is False and engines.Size(8).judge(False) is None

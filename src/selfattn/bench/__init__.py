@@ -5,13 +5,15 @@
     results.to_dict()    # every figure, plus the environment
 
 Every contender computes the same layer from one set of weights, is checked against a float64
-reference before it is timed, and is reported as a ratio to a baseline (see `runner`).
+reference before it is timed (see `checks`), and is reported as a ratio to a baseline (see
+`runner`). The modules import one way, in the order listed in `results`.
 """
 
-from selfattn.bench.contenders import CONTENDERS, Built, Contender, SkipContender, Weights
-from selfattn.bench.presets import PRESETS, BenchConfig, Case
+from selfattn.bench.contenders import CONTENDERS, Built, Contender, Weights
+from selfattn.bench.presets import PRESETS, BenchConfig
 from selfattn.bench.report import compare, plot, read_json, render, write_json
-from selfattn.bench.runner import Measurement, Progress, Results, run_benchmark
+from selfattn.bench.results import Case, Measurement, Results, SkipContender
+from selfattn.bench.runner import Progress, run_benchmark
 from selfattn.bench.timing import FLOP_FORMULA, attention_flops, layer_flops, projection_flops
 
 __all__ = [

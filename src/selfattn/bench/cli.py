@@ -174,8 +174,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _print_list(console) -> None:
-    from selfattn.bench.contenders import CONTENDERS
-    from selfattn.bench.decode import DECODERS
+    from selfattn.bench.contenders import CONTENDERS, DECODERS
 
     console.print("[bold]presets[/]")
     for p in PRESETS.values():

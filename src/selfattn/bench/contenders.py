@@ -29,15 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfattn.bench.presets import Case
-
-# Largest error allowed against the float64 reference, relative to the reference's largest
-# magnitude, per dtype. The reference runs on the same rounded inputs and weights.
-TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
-
-
-class SkipContender(Exception):
-    """Raised by a contender that cannot run here; the message is the reason shown."""
+from selfattn.bench.results import Case, SkipContender
 
 
 @dataclass(frozen=True)
@@ -86,9 +78,19 @@ class Built:
     def params(self) -> list[Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def module_bytes(self) -> int:
+        """Parameters and buffers of the module."""
+        return module_bytes(self.module)
+
     def state_bytes(self) -> int:
-        tensors = [*self.module.parameters(), *self.module.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors) + self.extra_bytes
+        """The module's parameters and buffers, and what the contender keeps beside them."""
+        return self.module_bytes() + self.extra_bytes
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``modules``."""
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -120,45 +122,6 @@ def get_contender(name: str) -> Contender:
     if name not in CONTENDERS:
         raise ValueError(f"unknown contender {name!r}; expected one of {', '.join(CONTENDERS)}")
     return CONTENDERS[name]
-
-
-# ----------------------------------------------------------------------------- the reference
-
-
-def reference_rows(case: Case, w: Weights, x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 context and output of query rows ``rows`` (r,): ((B, r, d), (B, r, d)).
-
-    Plain softmax(q kᵀ / sqrt(E)) v per head, a few rows at a time so that long sequences
-    never hold an (L, L) matrix. ``x`` and ``w`` are already the rounded values the contender saw.
-    """
-    b, length, d = x.shape
-    h, e = case.heads, case.head_dim
-    x = x.to(device="cpu", dtype=torch.float64)
-
-    def heads(t: Tensor) -> Tensor:  # (B, n, d) -> (B, H, n, E)
-        return t.view(b, -1, h, e).transpose(1, 2)
-
-    k = heads(x @ w.wk.T)  # (B, H, L, E)
-    v = heads(x @ w.wv.T)  # (B, H, L, E)
-    contexts = []
-    for chunk in rows.split(64):
-        q = heads(x[:, chunk] @ w.wq.T)  # (B, H, r, E)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(e)  # (B, H, r, L)
-        if case.causal:  # Lq == Lk: row i sees keys j <= i
-            future = torch.arange(length) > chunk.unsqueeze(-1)  # (r, L)
-            scores = scores.masked_fill(future, float("-inf"))
-        context = torch.softmax(scores, dim=-1) @ v  # (B, H, r, L) x (B, H, L, E) -> (B, H, r, E)
-        contexts.append(context.transpose(1, 2).reshape(b, -1, d))  # (B, r, d)
-    context = torch.cat(contexts, dim=1)  # (B, r, d)
-    return context, context @ w.wo.T + w.bo
-
-
-def check_rows(length: int, limit: int = 1024) -> Tensor:
-    """The query rows checked: all of them up to ``limit``, else ``limit`` evenly spread
-    (first and last included)."""
-    if length <= limit:
-        return torch.arange(length)
-    return torch.linspace(0, length - 1, limit).round().long().unique()
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -440,4 +403,40 @@ register(
         "x-transformers Attention(flash=True) (optional: the 'bench' extra)",
         _x_transformers,
     )
+)
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A contender of the decode preset: a selfattn engine with or without the KV cache, or
+    torch.nn.MultiheadAttention (which has none). `selfattn.bench.decode` runs them."""
+
+    name: str
+    summary: str
+    engine: str | None  # a selfattn engine, or None for torch.nn.MultiheadAttention
+    cache: bool
+
+
+DECODERS: dict[str, Decoder] = {}
+for _engine in ("auto", "sdpa", "tiled", "naive"):
+    DECODERS[f"mha-{_engine}"] = Decoder(
+        f"mha-{_engine}",
+        f"selfattn MultiHeadAttention ({_engine}), recomputing the whole prefix every step",
+        _engine,
+        cache=False,
+    )
+    DECODERS[f"mha-{_engine}+cache"] = Decoder(
+        f"mha-{_engine}+cache",
+        f"selfattn MultiHeadAttention ({_engine}) with use_cache=True: one token per step",
+        _engine,
+        cache=True,
+    )
+DECODERS["torch-mha"] = Decoder(
+    "torch-mha",
+    "torch.nn.MultiheadAttention (no KV cache): recomputes the whole prefix every step",
+    None,
+    cache=False,
 )

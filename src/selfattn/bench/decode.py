@@ -16,47 +16,20 @@ are checked against a float64 run of the whole sequence first.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from selfattn.bench.contenders import TOLERANCE, Weights, reference_rows
-from selfattn.bench.presets import Case, Settings
+from selfattn.bench import checks
+from selfattn.bench.contenders import DECODERS, Decoder, Weights, module_bytes
+from selfattn.bench.machine import environment, measure_peaks
+from selfattn.bench.presets import Settings
+from selfattn.bench.results import Case, Measurement, Results, classify
 from selfattn.bench.timing import summarize, synchronize
 
 CHECK_STEPS = 8
-
-
-@dataclass(frozen=True)
-class Decoder:
-    name: str
-    summary: str
-    engine: str | None  # a selfattn engine, or None for torch.nn.MultiheadAttention
-    cache: bool
-
-
-DECODERS: dict[str, Decoder] = {}
-for _engine in ("auto", "sdpa", "tiled", "naive"):
-    DECODERS[f"mha-{_engine}"] = Decoder(
-        f"mha-{_engine}",
-        f"selfattn MultiHeadAttention ({_engine}), recomputing the whole prefix every step",
-        _engine,
-        cache=False,
-    )
-    DECODERS[f"mha-{_engine}+cache"] = Decoder(
-        f"mha-{_engine}+cache",
-        f"selfattn MultiHeadAttention ({_engine}) with use_cache=True: one token per step",
-        _engine,
-        cache=True,
-    )
-DECODERS["torch-mha"] = Decoder(
-    "torch-mha",
-    "torch.nn.MultiheadAttention (no KV cache): recomputes the whole prefix every step",
-    None,
-    cache=False,
-)
 
 
 class _Stack:
@@ -112,8 +85,6 @@ class _Stack:
         """Prefill ``tokens[:, :prompt]``, then ``steps`` steps; returns
         (prefill seconds, steps seconds, outputs (B, 1 + steps, d): the prompt's last position
         and each new token's)."""
-        import time
-
         self.reset()
         cached = self.decoder.cache
         outs = []
@@ -139,7 +110,7 @@ def _reference(case: Case, weights: list[Weights], tokens: Tensor, prompt: int) 
     full = Case(case.batch, case.heads, length, case.head_dim, True, case.dtype)
     rows = torch.arange(length)
     for w in weights:
-        h = h + reference_rows(full, w.cast(case.torch_dtype), h, rows)[1]
+        h = h + checks.reference_rows(full, w.cast(case.torch_dtype), h, rows)[1]
     return h[:, prompt - 1 :]
 
 
@@ -154,17 +125,16 @@ def useful_flops(case: Case, layers: int, prompt: int, steps: int) -> float:
     return total
 
 
-def run_decode(settings: Settings, progress):
-    from selfattn.bench.runner import Measurement, Results, _classify, environment, measure_peaks
-
-    device = settings.device
+def run_decode(settings: Settings, progress) -> Results:
+    """Check, warm up and time each decoder on each case (see the module's docstring)."""
     prompt, steps, layers = settings.prompt, settings.new_tokens, settings.layers
     decoders = [DECODERS[c] for c in settings.contenders]
     cases = list(dict.fromkeys(Case(c.batch, c.heads, prompt, c.head_dim, True, c.dtype)
                                for c in settings.cases))  # fmt: skip
     progress.start(1 + len(cases) * len(decoders) * (2 + settings.warmup + settings.repeats))
     progress.advance("matmul peak")
-    peaks = measure_peaks(settings)
+    dtypes = [case.dtype for case in cases]
+    peaks = measure_peaks(dtypes, settings.device)
     measurements = []
     notes = list(settings.notes)
     notes.append(
@@ -172,88 +142,120 @@ def run_decode(settings: Settings, progress):
         "one at a time (fixed random inputs); tokens/s counts the new tokens only; peak memory "
         "is not measured here"
     )
-    context = prompt + steps
     for case in cases:
-        info = {**case.to_dict(), "prompt": prompt, "new_tokens": steps, "layers": layers}
-        weights = [Weights.make(case.d_model, settings.seed + 101 * i) for i in range(layers)]
-        gen = torch.Generator().manual_seed(settings.seed + 1)
-        tokens = torch.randn(case.batch, context, case.d_model, generator=gen,
-                             dtype=torch.float64)  # fmt: skip
-        reference = _reference(case, weights, tokens, prompt)
-        tokens = tokens.to(device=device, dtype=case.torch_dtype)
-        elem = tokens.element_size()
-        kv_bytes = 2 * layers * case.batch * context * case.d_model * elem
-        flops = useful_flops(case, layers, prompt, steps)
+        run = _DecodeCase(case, settings, progress)
         live = []
         for dec in decoders:
-            progress.advance(f"{dec.name}: check", 1)
-            m = Measurement(info, dec.name, "decode", "ok")
+            m = Measurement(run.info, dec.name, "decode", "ok")
             measurements.append(m)
-            try:
-                stack = _Stack(dec, case, weights, context, device)
-                _, _, outs = stack.generate(tokens, prompt, CHECK_STEPS, device)
-                ref = reference.to(torch.float64)
-                got = outs.to(torch.float64).cpu()
-                error = float((got - ref).abs().max() / ref.abs().max())
-            except Exception as err:
-                m.status, m.reason = _classify(err)
-                progress.advance(dec.name, 1 + settings.warmup + settings.repeats)
-                continue
-            m.max_error, m.tolerance = error, TOLERANCE[case.dtype]
-            if not error <= m.tolerance:
-                m.status = "wrong"
-                m.reason = f"WRONG: max error {error:.2e} vs the float64 reference"
-                progress.advance(dec.name, 1 + settings.warmup + settings.repeats)
-                continue
-            m.state_bytes = sum(
-                t.numel() * t.element_size() for mod in stack.modules for t in mod.parameters()
-            ) + (kv_bytes if dec.cache else 0)
-            # Warm-up: a short generation; its per-step time predicts the whole run.
-            progress.advance(f"{dec.name}: warm-up", 1)
-            try:
-                for _ in range(max(1, settings.warmup)):
-                    _, short_s, _ = stack.generate(tokens, prompt, CHECK_STEPS, device)
-                    progress.advance(f"{dec.name}: warm-up", 1)
-            except Exception as err:
-                m.status, m.reason = _classify(err)
-                continue
-            # Recomputing costs more per step as the prefix grows: scale by the mean length.
-            grow = (prompt + steps / 2) / (prompt + CHECK_STEPS / 2) if not dec.cache else 1.0
-            predicted = short_s / CHECK_STEPS * steps * grow
+            stack = run.check_and_warm_up(dec, m)
+            if stack is not None:
+                live.append((dec, stack, m))
+        prefill = run.time_round_robin(live)
+        peaks = measure_peaks(dtypes, settings.device, peaks)
+        run.summarize(live, prefill, peaks)
+    env = environment(settings.device)
+    return Results(settings.to_dict(), env, peaks, measurements, notes, "", checks.ERROR_RULE)
+
+
+class _DecodeCase:
+    """One case of the decode preset: its weights, token inputs and float64 reference."""
+
+    def __init__(self, case: Case, settings: Settings, progress) -> None:
+        self.case, self.settings, self.progress = case, settings, progress
+        prompt, steps, layers = settings.prompt, settings.new_tokens, settings.layers
+        self.info = {**case.to_dict(), "prompt": prompt, "new_tokens": steps, "layers": layers}
+        self.context = prompt + steps
+        self.weights = [Weights.make(case.d_model, settings.seed + 101 * i) for i in range(layers)]
+        gen = torch.Generator().manual_seed(settings.seed + 1)
+        tokens = torch.randn(case.batch, self.context, case.d_model, generator=gen,
+                             dtype=torch.float64)  # fmt: skip
+        self.reference = _reference(case, self.weights, tokens, prompt)  # (B, 1 + CHECK_STEPS, d)
+        self.tokens = tokens.to(device=settings.device, dtype=case.torch_dtype)
+
+    def _generate(self, stack: _Stack, steps: int):
+        return stack.generate(self.tokens, self.settings.prompt, steps, self.settings.device)
+
+    def check_and_warm_up(self, dec: Decoder, m: Measurement) -> _Stack | None:
+        """Build ``dec``, check its first steps against the reference, warm it up, and stop it
+        if its run would break the time budget. Returns it, or None with ``m`` saying why."""
+        settings, case = self.settings, self.case
+        not_timed = 1 + settings.warmup + settings.repeats
+        self.progress.advance(f"{dec.name}: check", 1)
+        try:
+            stack = _Stack(dec, case, self.weights, self.context, settings.device)
+            state = module_bytes(*stack.modules)  # before a KV cache fills any buffer
+            _, _, outs = self._generate(stack, CHECK_STEPS)  # (B, 1 + CHECK_STEPS, d)
+            error = float(checks.row_errors(outs, self.reference).max())
+        except Exception as err:
+            m.status, m.reason = classify(err)
+            self.progress.advance(dec.name, not_timed)
+            return None
+        m.max_error, m.tolerance = error, checks.TOLERANCE[case.dtype]
+        if not error <= m.tolerance:
+            m.status = "wrong"
+            m.reason = f"WRONG: worst step's error {error:.2e} vs the float64 reference"
+            self.progress.advance(dec.name, not_timed)
+            return None
+        m.module_bytes = state
+        kv_bytes = 2 * len(stack.modules) * self.tokens.numel() * self.tokens.element_size()
+        m.state_bytes = m.module_bytes + (kv_bytes if dec.cache else 0)
+        self.progress.advance(f"{dec.name}: warm-up", 1)
+        try:
+            predicted = self._warm_up(dec, stack)
             if predicted > settings.time_budget_s:
                 m.status = "stopped"
                 m.reason = (
-                    f"stopped: {steps} steps would take about {predicted:.0f} s, over the "
-                    f"{settings.time_budget_s:g} s budget"
+                    f"stopped: {settings.new_tokens} steps would take about {predicted:.0f} s, "
+                    f"over the {settings.time_budget_s:g} s budget"
                 )
-                continue
-            if device == "cuda":  # every length once: kernels (cuDNN plans) are chosen per shape
-                try:
-                    stack.generate(tokens, prompt, steps, device)
-                except Exception as err:
-                    m.status, m.reason = _classify(err)
-                    continue
-            live.append((dec, stack, m))
+                return None
+            if settings.device == "cuda":  # every length once: kernels are chosen per shape
+                self._generate(stack, settings.new_tokens)
+        except Exception as err:
+            m.status, m.reason = classify(err)
+            return None
+        return stack
 
+    def _warm_up(self, dec: Decoder, stack: _Stack) -> float:
+        """Short generations; returns the seconds the whole run's steps are predicted to take."""
+        prompt, steps = self.settings.prompt, self.settings.new_tokens
+        short_s = 0.0
+        for _ in range(max(1, self.settings.warmup)):
+            _, short_s, _ = self._generate(stack, CHECK_STEPS)
+            self.progress.advance(f"{dec.name}: warm-up", 1)
+        # Recomputing costs more per step as the prefix grows: scale by the mean length.
+        grow = (prompt + steps / 2) / (prompt + CHECK_STEPS / 2) if not dec.cache else 1.0
+        return short_s / CHECK_STEPS * steps * grow
+
+    def time_round_robin(self, live: list) -> dict[str, list[float]]:
+        """Each repeat generates once with every decoder in turn; the steps' seconds go to
+        each measurement's samples, the prefill's are returned per decoder."""
+        repeats = self.settings.repeats
         prefill: dict[str, list[float]] = {dec.name: [] for dec, _, _ in live}
-        for r in range(settings.repeats):  # round-robin
+        for r in range(repeats):
             for dec, stack, m in live:
-                progress.advance(f"{dec.name}: run {r + 1}/{settings.repeats}", 1)
+                self.progress.advance(f"{dec.name}: run {r + 1}/{repeats}", 1)
                 try:
-                    pre_s, steps_s, _ = stack.generate(tokens, prompt, steps, device)
+                    pre_s, steps_s, _ = self._generate(stack, self.settings.new_tokens)
                 except Exception as err:
-                    m.status, m.reason = _classify(err)
+                    m.status, m.reason = classify(err)
                     continue
                 prefill[dec.name].append(pre_s)
                 m.samples_s.append(steps_s)
-        peaks = measure_peaks(settings, peaks)
+        return prefill
+
+    def summarize(self, live: list, prefill: dict[str, list[float]], peaks: dict) -> None:
+        """Medians, tokens/s, GFLOP/s and the ratio to the baseline decoder."""
+        case, settings = self.case, self.settings
+        flops = useful_flops(case, settings.layers, settings.prompt, settings.new_tokens)
         base = None
         for dec, _, m in live:
             if m.status != "ok" or not m.samples_s:
                 continue
             for key, value in summarize(m.samples_s).items():
                 setattr(m, key, value)
-            m.tokens_per_s = case.batch * steps / m.median_s
+            m.tokens_per_s = case.batch * settings.new_tokens / m.median_s
             m.flops = flops
             m.gflops_per_s = flops / m.median_s / 1e9
             peak = peaks.get(case.dtype, {}).get("gflops")
@@ -265,4 +267,3 @@ def run_decode(settings: Settings, progress):
         for _, _, m in live:
             if base and m.median_s:
                 m.ratio = m.median_s / base
-    return Results(settings.to_dict(), environment(device), peaks, measurements, notes)

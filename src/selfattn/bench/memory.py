@@ -3,11 +3,17 @@
 CPU: a fresh process per (case, contender), forked from a helper process that has imported
 torch and does nothing else. It runs the contender once on a tiny case (so that one-time costs
 such as thread pools are resident before the baseline), then builds it for the case. For each
-pass it resets the high-water mark (Linux's /proc/self/clear_refs), takes the resident size as
-the baseline (the module, its weights and the inputs exist by then), runs one call, and reports
-the resource ``ru_maxrss`` high-water mark minus that baseline. The process has an
-address-space limit a little over the memory budget, so an allocation past it fails there
-(reported as OOM) instead of taking the machine down.
+pass, `peak_bytes` measures the call: it resets the kernel's high-water mark of the resident
+size (writing "5" to Linux's /proc/self/clear_refs), takes the resident size as the baseline
+(the module, its weights and the inputs exist by then), runs the call, and reports the
+high-water mark (VmHWM in /proc/self/status) minus that baseline. The kernel keeps that mark
+page by page, so a peak however short is seen, which no sampling thread can promise. The
+process has an address-space limit a little over the memory budget, so an allocation past it
+fails there (reported as OOM) instead of taking the machine down.
+
+Without clear_refs (not Linux, or not permitted), the mark cannot be reset: the measurement is
+``ru_maxrss`` minus the resident size before the call, which is right only while the call's
+peak is the process's highest so far, as it is in a fresh process.
 
 CUDA: in-process, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
 what was allocated before the call.
@@ -28,8 +34,8 @@ import time
 
 import torch
 
-from selfattn.bench.contenders import CONTENDERS, Contender, SkipContender, Weights, make_input
-from selfattn.bench.presets import Case
+from selfattn.bench.contenders import CONTENDERS, Contender, Weights, make_input
+from selfattn.bench.results import Case, SkipContender
 from selfattn.bench.timing import make_step
 
 
@@ -166,15 +172,20 @@ def _maxrss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def vm_size_bytes() -> int:
+def _status_bytes(field: str) -> int | None:
+    """A size from /proc/self/status (Linux), e.g. "VmRSS", in bytes; None elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmSize:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def vm_size_bytes() -> int:
+    return _status_bytes("VmSize") or 0
 
 
 def _reset_high_water_mark() -> bool:
@@ -187,15 +198,18 @@ def _reset_high_water_mark() -> bool:
         return False
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _maxrss_bytes()
+def peak_bytes(call) -> int:
+    """The peak resident memory of this process during ``call()``, beyond what was resident
+    just before it, in bytes (see the module's docstring)."""
+    if _reset_high_water_mark():
+        base = _status_bytes("VmRSS")
+        call()
+        peak = _status_bytes("VmHWM")
+        if base is not None and peak is not None:
+            return max(0, peak - base)
+    base = _status_bytes("VmRSS") or _maxrss_bytes()
+    call()
+    return max(0, _maxrss_bytes() - base)
 
 
 def _run_passes(contender: Contender, case: Case, spec: dict, measure: bool) -> dict:
@@ -205,16 +219,10 @@ def _run_passes(contender: Contender, case: Case, spec: dict, measure: bool) -> 
     steps = {p: make_step(built.fn, x, built.params(), p) for p in spec["passes"]}
     peaks = {}
     for pass_, step in steps.items():
-        # Baseline: what is resident now (module, weights, inputs); with the high-water mark
-        # reset, ru_maxrss after the call is this call's own peak.
-        reset = _reset_high_water_mark()
-        base = _rss_bytes() if reset else _maxrss_bytes()
-        try:
-            step()
+        try:  # beyond what is resident now: the module, its weights and the inputs
+            peaks[pass_] = peak_bytes(step)
         except (NotImplementedError, SkipContender):
             peaks[pass_] = None
-            continue
-        peaks[pass_] = max(0, _maxrss_bytes() - base)
     return {"peak_bytes": peaks, "state_bytes": built.state_bytes()} if measure else {}
 
 

@@ -15,47 +15,16 @@ Presets:
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from selfattn.bench.contenders import CONTENDERS, DECODERS
+from selfattn.bench.machine import total_memory_bytes
+from selfattn.bench.results import DTYPES, Case
+
 PASSES: tuple[str, ...] = ("fwd", "fwd+bwd")
 MAX_LENGTH = 1 << 20
-
-
-@dataclass(frozen=True)
-class Case:
-    """One shape: x (batch, length, heads * head_dim), causal or not, in ``dtype``."""
-
-    batch: int
-    heads: int
-    length: int
-    head_dim: int
-    causal: bool
-    dtype: str  # a key of DTYPES
-
-    @property
-    def d_model(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def series(self) -> str:
-        """Everything but the length: the cases of one length sweep share it."""
-        mask = "causal" if self.causal else "full"
-        return f"B={self.batch} H={self.heads} E={self.head_dim} {mask} {self.dtype}"
-
-    @property
-    def label(self) -> str:
-        return f"L={self.length} {self.series}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -230,22 +199,51 @@ class Settings:
         return out
 
 
-def total_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 << 30
-
-
 def resolve(config: BenchConfig) -> Settings:
     """Fill ``config`` from its preset and check it; a ValueError names what is valid."""
     if config.preset not in PRESETS:
         raise ValueError(f"unknown preset {config.preset!r}; expected one of {', '.join(PRESETS)}")
     preset = PRESETS[config.preset]
     device = _device(config.device)
-    on_cpu = device == "cpu"
     notes: list[str] = []
+    contenders, baseline = _contenders_and_baseline(config, preset)
+    cases = _cases(config, preset, device, notes)
+    memory_budget = _memory_budget(config.memory_budget_gib, device)
+    prompt = config.prompt or preset.prompt
+    new_tokens = config.new_tokens or preset.new_tokens
+    for case in cases:
+        _check_fits(case, memory_budget, prompt + new_tokens if preset.kind == "decode" else 0)
+    repeats = config.repeats if config.repeats is not None else preset.repeats
+    warmup = config.warmup if config.warmup is not None else preset.warmup
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    return Settings(
+        preset=preset.name,
+        kind=preset.kind,
+        contenders=tuple(contenders),
+        skip={} if config.contenders is not None else dict(preset.skip),
+        baseline=baseline,
+        device=device,
+        cases=cases,
+        passes=_passes(config, preset),
+        repeats=repeats,
+        warmup=warmup,
+        time_budget_s=_time_budget(config, preset, device),
+        memory_budget_bytes=memory_budget,
+        measure_memory=config.measure_memory,
+        min_sample_s=preset.min_sample_s,
+        threads=_threads(config, preset, notes),
+        seed=config.seed,
+        prompt=prompt,
+        new_tokens=new_tokens,
+        layers=config.layers or preset.layers,
+        notes=tuple(notes),
+    )
 
+
+def _contenders_and_baseline(config: BenchConfig, preset: Preset) -> tuple[list, str]:
+    """The contenders asked for (names checked) and the baseline among them: the one asked
+    for, else the preset's, else the first contender."""
     names = config.contenders if config.contenders is not None else preset.contenders
     contenders = _contenders(names, preset)
     contender_names = [c if isinstance(c, str) else c.name for c in contenders]
@@ -257,8 +255,13 @@ def resolve(config: BenchConfig) -> Settings:
                 f"{', '.join(contender_names)}"
             )
         baseline = contender_names[0]
-    skip = {} if config.contenders is not None else dict(preset.skip)
+    return contenders, baseline
 
+
+def _cases(config: BenchConfig, preset: Preset, device: str, notes: list[str]) -> tuple[Case, ...]:
+    """Every combination of dtype, mask, batch, heads, head dim and length, in sweep order
+    (length innermost). A smaller CPU batch than the preset's is said in ``notes``."""
+    on_cpu = device == "cpu"
     batch = config.batch
     if batch is None:
         batch = preset.cpu_batch if (on_cpu and preset.cpu_batch) else preset.batch
@@ -272,11 +275,6 @@ def resolve(config: BenchConfig) -> Settings:
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; expected one of {', '.join(DTYPES)}")
-    passes = config.passes if config.passes is not None else preset.passes
-    valid_passes = ("decode",) if preset.kind == "decode" else PASSES
-    for p in passes:
-        if p not in valid_passes:
-            raise ValueError(f"unknown pass {p!r}; expected one of {', '.join(valid_passes)}")
     heads = config.heads or preset.heads
     head_dim = config.head_dim or preset.head_dim
     lengths = tuple(sorted(set(config.lengths or preset.lengths)))
@@ -292,7 +290,7 @@ def resolve(config: BenchConfig) -> Settings:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
     if lengths[-1] > MAX_LENGTH:
         raise ValueError(f"length {lengths[-1]} is over the largest supported, {MAX_LENGTH}")
-    cases = tuple(
+    return tuple(
         Case(b, h, length, e, c, d)
         for d in dtypes
         for c in causal
@@ -302,49 +300,35 @@ def resolve(config: BenchConfig) -> Settings:
         for length in lengths
     )
 
-    time_budget = config.time_budget_s
-    if time_budget is None:
-        time_budget = preset.cpu_time_budget_s if on_cpu and preset.cpu_time_budget_s else None
-        time_budget = time_budget or preset.time_budget_s
-    if time_budget <= 0:
-        raise ValueError(f"the time budget must be > 0 s, got {time_budget}")
-    memory_budget = _memory_budget(config.memory_budget_gib, device)
-    prompt = config.prompt or preset.prompt
-    new_tokens = config.new_tokens or preset.new_tokens
-    layers = config.layers or preset.layers
-    for case in cases:
-        _check_fits(case, memory_budget, prompt + new_tokens if preset.kind == "decode" else 0)
-    repeats = config.repeats if config.repeats is not None else preset.repeats
-    warmup = config.warmup if config.warmup is not None else preset.warmup
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+
+def _passes(config: BenchConfig, preset: Preset) -> tuple[str, ...]:
+    passes = config.passes if config.passes is not None else preset.passes
+    valid = ("decode",) if preset.kind == "decode" else PASSES
+    for p in passes:
+        if p not in valid:
+            raise ValueError(f"unknown pass {p!r}; expected one of {', '.join(valid)}")
+    return tuple(passes)
+
+
+def _time_budget(config: BenchConfig, preset: Preset, device: str) -> float:
+    budget = config.time_budget_s
+    if budget is None:
+        budget = preset.cpu_time_budget_s if device == "cpu" and preset.cpu_time_budget_s else None
+        budget = budget or preset.time_budget_s
+    if budget <= 0:
+        raise ValueError(f"the time budget must be > 0 s, got {budget}")
+    return float(budget)
+
+
+def _threads(config: BenchConfig, preset: Preset, notes: list[str]) -> int:
+    """Torch threads for the run: asked for, else the preset's (said in ``notes``), else
+    torch's current setting."""
     threads = config.threads if config.threads is not None else preset.threads
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if threads is not None and config.threads is None:
         notes.append(f"{threads} thread(s), the {preset.name} preset's (--threads to change)")
-    return Settings(
-        preset=preset.name,
-        kind=preset.kind,
-        contenders=tuple(contenders),
-        skip=skip,
-        baseline=baseline,
-        device=device,
-        cases=cases,
-        passes=tuple(passes),
-        repeats=repeats,
-        warmup=warmup,
-        time_budget_s=float(time_budget),
-        memory_budget_bytes=memory_budget,
-        measure_memory=config.measure_memory,
-        min_sample_s=preset.min_sample_s,
-        threads=threads or torch.get_num_threads(),
-        seed=config.seed,
-        prompt=prompt,
-        new_tokens=new_tokens,
-        layers=layers,
-        notes=tuple(notes),
-    )
+    return threads or torch.get_num_threads()
 
 
 def _device(device: str | None) -> str:
@@ -362,11 +346,7 @@ def _contenders(names, preset: Preset) -> list:
         names = (names,)
     if not names:
         raise ValueError("no contenders to run")
-    if preset.kind == "decode":
-        from selfattn.bench.decode import DECODERS as known
-    else:
-        from selfattn.bench.contenders import CONTENDERS as known
-    valid = tuple(known)
+    valid = tuple(DECODERS if preset.kind == "decode" else CONTENDERS)
     out, seen = [], set()
     for c in names:
         name = c if isinstance(c, str) else getattr(c, "name", None)

@@ -6,12 +6,13 @@ matplotlib is imported only by `plot`, and only when asked for (the ``bench`` ex
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from selfattn.bench.runner import Measurement, Results
+from selfattn.bench.results import Measurement, Results
 
 PLOT_EXTRA = "--plot needs matplotlib: pip install 'selfattn[bench]'"
 
@@ -35,6 +36,10 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _error(e: float | None) -> str:
+    return "" if e is None else f"{e:.1e}"
+
+
 def _spread(m: Measurement) -> str:
     if m.q1_s is None or not m.median_s:
         return ""
@@ -51,56 +56,61 @@ def _status(m: Measurement) -> str:
     return f"[yellow]{text}[/]" if m.status in ("oom", "error") else f"[dim]{text}[/]"
 
 
+def _ratio(m: Measurement, baseline: str) -> str:
+    if m.ratio is None:
+        return ""
+    return "[bold]1.00[/]" if m.contender == baseline else f"{m.ratio:.2f}"
+
+
+def _columns(baseline: str, decode: bool) -> list[tuple[str, Callable[[Measurement], str]]]:
+    """(header, cell of a measurement) per column of a case's table."""
+    cols: list[tuple[str, Callable[[Measurement], str]]] = [("contender", lambda m: m.contender)]
+    if not decode:
+        cols.append(("pass", lambda m: m.pass_))
+    cols += [
+        ("median ms", lambda m: _ms(m.median_s)),
+        ("IQR", _spread),
+        (f"× {baseline}", lambda m: _ratio(m, baseline)),
+        ("tokens/s", lambda m: f"{m.tokens_per_s:,.0f}" if m.tokens_per_s else ""),
+    ]
+    if decode:
+        cols.append(("prefill ms", lambda m: _ms(m.extra.get("prefill_s"))))
+    cols += [
+        ("GFLOP/s", lambda m: f"{m.gflops_per_s:.1f}" if m.gflops_per_s else ""),
+        ("% peak", lambda m: f"{m.peak_fraction * 100:.0f}%" if m.peak_fraction else ""),
+    ]
+    if not decode:
+        cols.append(("peak mem", lambda m: _bytes(m.memory_bytes)))
+    cols += [
+        ("state", lambda m: _bytes(m.module_bytes)),
+        ("row err", lambda m: _error(m.max_error)),
+    ]
+    if not decode:
+        cols.append(("grad err", lambda m: _error(m.grad_error)))
+    return [*cols, ("note", _status)]
+
+
 def render(results: Results, console: Console) -> None:
     """One table per case; the ratio column is time / the baseline's time (lower is faster)."""
     settings = results.settings
-    baseline = settings["baseline"]
     decode = settings.get("kind") == "decode"
+    columns = _columns(settings["baseline"], decode)
     by_case: dict[str, list[Measurement]] = {}
     for m in results.measurements:
         by_case.setdefault(m.label, []).append(m)
     for label, ms in by_case.items():
         table = Table(title=f"{settings['preset']}: {label}", title_justify="left")
-        table.add_column("contender")
-        if not decode:
-            table.add_column("pass")
-        table.add_column("median ms", justify="right")
-        table.add_column("IQR", justify="right")
-        table.add_column(f"× {baseline}", justify="right")
-        table.add_column("tokens/s", justify="right")
-        if decode:
-            table.add_column("prefill ms", justify="right")
-        table.add_column("GFLOP/s", justify="right")
-        table.add_column("% peak", justify="right")
-        if not decode:
-            table.add_column("peak mem", justify="right")
-        table.add_column("note", overflow="fold")
+        for header, _ in columns:
+            left = header in ("contender", "pass", "note")
+            table.add_column(header, justify="left" if left else "right", overflow="fold")
         for m in ms:
-            ratio = ""
-            if m.ratio is not None:
-                ratio = f"{m.ratio:.2f}"
-                if m.contender == baseline:
-                    ratio = "[bold]1.00[/]"
-            row = [m.contender]
-            if not decode:
-                row.append(m.pass_)
-            row += [
-                _ms(m.median_s),
-                _spread(m),
-                ratio,
-                f"{m.tokens_per_s:,.0f}" if m.tokens_per_s else "",
-            ]
-            if decode:
-                row.append(_ms(m.extra.get("prefill_s")))
-            row += [
-                f"{m.gflops_per_s:.1f}" if m.gflops_per_s else "",
-                f"{m.peak_fraction * 100:.0f}%" if m.peak_fraction else "",
-            ]
-            if not decode:
-                row.append(_bytes(m.memory_bytes))
-            row.append(_status(m))
-            table.add_row(*row)
+            table.add_row(*(cell(m) for _, cell in columns))
         console.print(table)
+    _legend(results, console, decode)
+
+
+def _legend(results: Results, console: Console, decode: bool) -> None:
+    """What the run ran on, and what each figure means."""
     env = results.environment
     console.print(f"[dim]{_device_name(results)}, torch {env.get('torch')}[/]")
     peaks = ", ".join(
@@ -115,6 +125,12 @@ def render(results: Results, console: Console) -> None:
             f"({'a fresh process per case' if env.get('device') == 'cpu' else 'CUDA allocator'})"
             "[/]"
         )
+    if any(m.module_bytes is not None for m in results.measurements):
+        console.print(
+            "[dim]state: the parameters and buffers of the module(s), held between calls[/]"
+        )
+    if results.error_rule:
+        console.print(f"[dim]row err / grad err: {results.error_rule}[/]")
     for note in results.notes:
         console.print(f"[dim]note: {note}[/]")
 

@@ -16,130 +16,27 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from selfattn.bench.contenders import (
-    TOLERANCE,
-    Contender,
-    SkipContender,
-    Weights,
-    check_rows,
-    get_contender,
-    make_input,
-    reference_rows,
-)
-from selfattn.bench.memory import measure_cpu, measure_cuda
-from selfattn.bench.presets import DTYPES, BenchConfig, Case, Settings, resolve
+from selfattn.bench import checks
+from selfattn.bench.contenders import Built, Contender, Weights, get_contender, make_input
+from selfattn.bench.decode import run_decode
+from selfattn.bench.machine import environment, measure_peaks
+from selfattn.bench.memory import measure_cpu, measure_cuda, vm_size_bytes
+from selfattn.bench.presets import BenchConfig, Settings, resolve
+from selfattn.bench.results import Case, Measurement, Results, classify
 from selfattn.bench.timing import (
     FLOP_FORMULA,
     layer_flops,
     loop_count,
     make_step,
-    matmul_peak,
     summarize,
     time_calls,
 )
-
-STATUSES = ("ok", "skipped", "wrong", "error", "oom", "stopped")
-
-
-@dataclass
-class Measurement:
-    """One (case, contender, pass): its figures, or why it has none."""
-
-    case: dict
-    contender: str
-    pass_: str  # "fwd", "fwd+bwd" or "decode"
-    status: str  # one of STATUSES
-    reason: str = ""
-    samples_s: list[float] = field(default_factory=list)  # per-call seconds, one per repeat
-    calls_per_sample: int = 1
-    median_s: float | None = None
-    q1_s: float | None = None
-    q3_s: float | None = None
-    min_s: float | None = None
-    max_s: float | None = None
-    ratio: float | None = None  # median / the baseline's median, same case and pass
-    tokens_per_s: float | None = None
-    flops: float | None = None  # per call (decode: the useful work of one generation)
-    gflops_per_s: float | None = None
-    peak_fraction: float | None = None  # of the matmul peak measured in this run, same dtype
-    memory_bytes: int | None = None  # peak during one call beyond the state
-    state_bytes: int | None = None  # parameters, buffers and per-case masks
-    max_error: float | None = None  # vs the float64 reference, relative to its largest value
-    tolerance: float | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return case_label(self.case)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["pass"] = out.pop("pass_")
-        return out
-
-    @staticmethod
-    def from_dict(d: dict) -> Measurement:
-        d = dict(d)
-        d["pass_"] = d.pop("pass")
-        return Measurement(**d)
-
-
-def case_label(case: dict) -> str:
-    if "prompt" in case:
-        return (
-            f"prompt {case['prompt']} + {case['new_tokens']} new, "
-            + Case(
-                **{k: case[k] for k in ("batch", "heads", "length", "head_dim", "causal", "dtype")}
-            ).series
-            + f", {case['layers']} layers"
-        )
-    return Case(**case).label
-
-
-@dataclass
-class Results:
-    settings: dict
-    environment: dict
-    peaks: dict  # dtype -> {"n", "seconds", "gflops"}
-    measurements: list[Measurement]
-    notes: list[str]
-    flop_formula: str = FLOP_FORMULA
-    elapsed_s: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "format": "selfattn-bench",
-            "version": 1,
-            "settings": self.settings,
-            "environment": self.environment,
-            "matmul_peak": self.peaks,
-            "flop_formula": self.flop_formula,
-            "notes": self.notes,
-            "elapsed_s": self.elapsed_s,
-            "measurements": [m.to_dict() for m in self.measurements],
-        }
-
-    @staticmethod
-    def from_dict(d: dict) -> Results:
-        if not isinstance(d, dict) or d.get("format") != "selfattn-bench":
-            raise ValueError('not a selfattn bench JSON file (no "format": "selfattn-bench")')
-        return Results(
-            settings=d["settings"],
-            environment=d["environment"],
-            peaks=d["matmul_peak"],
-            measurements=[Measurement.from_dict(m) for m in d["measurements"]],
-            notes=d.get("notes", []),
-            flop_formula=d.get("flop_formula", FLOP_FORMULA),
-            elapsed_s=d.get("elapsed_s", 0.0),
-        )
 
 
 class Progress:
@@ -150,47 +47,6 @@ class Progress:
 
     def advance(self, description: str, steps: int = 1) -> None:
         pass
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    from selfattn import __version__
-    from selfattn.bench.presets import total_memory_bytes
-
-    env = {
-        "selfattn": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_bytes": total_memory_bytes(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(
-            gpu=props.name,
-            gpu_memory_bytes=props.total_memory,
-            cuda=torch.version.cuda,
-            capability=f"{props.major}.{props.minor}",
-        )
-    return env
 
 
 # ----------------------------------------------------------------------------- the run
@@ -205,8 +61,6 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> Resu
     torch.set_num_threads(settings.threads)
     try:
         if settings.kind == "decode":
-            from selfattn.bench.decode import run_decode
-
             results = run_decode(settings, progress)
         else:
             with _address_space_guard(settings):
@@ -223,8 +77,6 @@ def _address_space_guard(settings: Settings):
     twice the memory budget), so that a contender allocating far past the budget fails with an
     error the run records as OOM, rather than drawing the kernel's OOM killer onto the run."""
     import resource
-
-    from selfattn.bench.memory import vm_size_bytes
 
     current = vm_size_bytes()
     if settings.device != "cpu" or not current:
@@ -244,26 +96,13 @@ def _address_space_guard(settings: Settings):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def measure_peaks(settings: Settings, earlier: dict | None = None) -> dict:
-    """The matmul peak per dtype of the run. Measured at the start and again at the end: the
-    best of both counts (a busy moment can only make a measurement slower)."""
-    dtypes = sorted({case.dtype for case in settings.cases})
-    peaks = {}
-    for d in dtypes:
-        now = matmul_peak(DTYPES[d], settings.device)
-        before = (earlier or {}).get(d)
-        best = now if before is None or now["gflops"] >= before["gflops"] else dict(before)
-        samples = [*(before or {}).get("samples", []), round(now["gflops"], 1)]
-        peaks[d] = {**{k: best[k] for k in ("n", "seconds", "gflops")}, "samples": samples}
-    return peaks
-
-
 def _run_layer(settings: Settings, progress: Progress) -> Results:
     contenders = [get_contender(c) if isinstance(c, str) else c for c in settings.contenders]
     per_case = len(contenders) * (2 + len(settings.passes) * (settings.warmup + settings.repeats))
     progress.start(len(settings.cases) * per_case + 1)
     progress.advance("matmul peak")
-    peaks = measure_peaks(settings)
+    dtypes = [case.dtype for case in settings.cases]
+    peaks = measure_peaks(dtypes, settings.device)
     sweep = _Sweep(settings)
     measurements: list[Measurement] = []
     for case in settings.cases:
@@ -272,10 +111,13 @@ def _run_layer(settings: Settings, progress: Progress) -> Results:
         if settings.device == "cuda":
             torch.cuda.empty_cache()
     progress.advance("matmul peak, again")
-    peaks = measure_peaks(settings, peaks)
+    peaks = measure_peaks(dtypes, settings.device, peaks)
     _derive(measurements, settings, peaks)
     notes = list(settings.notes)
-    return Results(settings.to_dict(), environment(settings.device), peaks, measurements, notes)
+    env = environment(settings.device)
+    return Results(
+        settings.to_dict(), env, peaks, measurements, notes, FLOP_FORMULA, checks.ERROR_RULE
+    )
 
 
 class _Sweep:
@@ -323,7 +165,7 @@ class _Sweep:
 
     def fail(self, case: Case, m: Measurement, err: BaseException) -> None:
         """Record what ``err`` means for ``m``, and for the longer lengths of its sweep."""
-        m.status, m.reason = _classify(err)
+        m.status, m.reason = classify(err)
         if m.status == "skipped":
             self.skipped[(case.series, m.contender, m.pass_)] = m.reason
         elif m.status == "oom":
@@ -353,117 +195,177 @@ class _Live:
     calls: int = 1
 
 
-def _classify(err: BaseException) -> tuple[str, str]:
-    """(status, reason) for an exception a contender raised."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, SkipContender | NotImplementedError | ImportError):
-        return "skipped", text[:240]
-    if isinstance(err, MemoryError) or (
-        isinstance(err, RuntimeError)
-        and ("out of memory" in text.lower() or "can't allocate memory" in text.lower())
-    ):
-        return "oom", text[:240]
-    return "error", f"{type(err).__name__}: {text}"[:240]
-
-
 def _run_case(
     case: Case, contenders: list[Contender], settings: Settings, sweep: _Sweep, progress: Progress
 ) -> list[Measurement]:
-    device = settings.device
-    out: list[Measurement] = []
-    weights = Weights.make(case.d_model, settings.seed)
-    x = make_input(case, settings.seed, device)
-    grad_out = torch.randn_like(x)
-    rows = check_rows(case.length)
-    reference = None
+    run = _CaseRun(case, settings, sweep, progress)
     live: list[_Live] = []
-    keep_alive = []
-    per_contender = 2 + len(settings.passes) * (settings.warmup + settings.repeats)
+    keep_alive = []  # the built contenders, until their timing is done
+    for contender in contenders:
+        progress.advance(f"{case.label}  {contender.name}: check", 1)
+        passes = run.passes_to_run(contender)
+        built = run.build_and_check(contender, passes) if passes else None
+        if built is not None:
+            memory = run.memory(contender, passes)
+            live += run.go_live(contender, built, passes, memory)
+            keep_alive.append(built)
+        run.advance_past(contender, {e.pass_ for e in live if e.contender is contender})
+    _time_round_robin(live, settings, sweep, case, progress)
+    order = {c.name: i for i, c in enumerate(contenders)}
+    return sorted(run.out, key=lambda m: (order[m.contender], settings.passes.index(m.pass_)))
 
-    def record(contender, pass_, status, reason="", **figures) -> Measurement:
-        m = Measurement(case.to_dict(), contender.name, pass_, status, reason, **figures)
-        out.append(m)
+
+class _CaseRun:
+    """One case's inputs, its float64 reference, and the measurements recorded so far."""
+
+    def __init__(self, case: Case, settings: Settings, sweep: _Sweep, progress: Progress):
+        self.case, self.settings, self.sweep, self.progress = case, settings, sweep, progress
+        self.out: list[Measurement] = []
+        self.weights = Weights.make(case.d_model, settings.seed)
+        self.x = make_input(case, settings.seed, settings.device)  # (B, L, d)
+        self.grad_out = torch.randn_like(self.x)  # (B, L, d), for the timed fwd+bwd
+        self.rows = checks.check_rows(case.length)
+        self.grad_rows = checks.grad_rows(case)
+        gen = torch.Generator().manual_seed(settings.seed + 2)
+        g = torch.randn(case.batch, len(self.grad_rows), case.d_model, generator=gen,
+                        dtype=torch.float64)  # fmt: skip
+        self.g = g.to(case.torch_dtype)  # (B, R, d): the gradient check's output gradient
+        self._reference: tuple | None = None
+        self._reference_grads: dict[str, torch.Tensor] = {}
+        self.checked: dict[str, dict] = {}  # contender -> figures of its passed checks
+
+    def record(self, contender: Contender, pass_: str, status: str, reason="", **figures):
+        m = Measurement(self.case.to_dict(), contender.name, pass_, status, reason, **figures)
+        self.out.append(m)
         return m
 
-    for contender in contenders:
-        name = contender.name
-        progress.advance(f"{case.label}  {name}: check", 1)
-        reason = settings.skip.get(name) or contender.unsupported(case, device)
+    def fail(self, contender: Contender, passes: list[str], err: BaseException) -> None:
+        for p in passes:
+            self.sweep.fail(self.case, self.record(contender, p, "error"), err)
+
+    def passes_to_run(self, contender: Contender) -> list[str]:
+        """The passes of ``contender`` to check and time; the others are recorded as skipped
+        (it does not apply) or stopped (a shorter length showed it would break a budget)."""
+        case, settings = self.case, self.settings
+        reason = settings.skip.get(contender.name) or contender.unsupported(case, settings.device)
         if reason:
             for p in settings.passes:
-                record(contender, p, "skipped", reason)
-            progress.advance(case.label, per_contender - 1)
-            continue
+                self.record(contender, p, "skipped", reason)
+            return []
         passes = []
         for p in settings.passes:
-            skip = sweep.why_skip(case, name, p)
-            stop = None if skip else sweep.why_stop(case, name, p)
+            skip = self.sweep.why_skip(case, contender.name, p)
+            stop = None if skip else self.sweep.why_stop(case, contender.name, p)
             if skip or stop:
-                record(contender, p, "skipped" if skip else "stopped", skip or stop)
+                self.record(contender, p, "skipped" if skip else "stopped", skip or stop)
             else:
                 passes.append(p)
-        if not passes:
-            progress.advance(case.label, per_contender - 1)
-            continue
+        return passes
 
-        # Build and check against the float64 reference: a wrong contender is never timed.
+    def reference(self, produces: str) -> torch.Tensor:
+        if self._reference is None:
+            w = self.weights.cast(self.case.torch_dtype)
+            self._reference = checks.reference_rows(self.case, w, self.x, self.rows)
+        return self._reference[0] if produces == "context" else self._reference[1]
+
+    def reference_grad(self, produces: str) -> torch.Tensor:
+        if produces not in self._reference_grads:
+            w = self.weights.cast(self.case.torch_dtype)
+            self._reference_grads[produces] = checks.reference_grad(
+                self.case, w, self.x, self.grad_rows, self.g, produces
+            )
+        return self._reference_grads[produces]
+
+    def build_and_check(self, contender: Contender, passes: list[str]) -> Built | None:
+        """Build ``contender`` and hold its output (and, for fwd+bwd, its gradient) against the
+        float64 reference. Returns it, with ``passes`` cut to those that passed; None when
+        nothing is left to time (each pass is recorded as wrong or failed)."""
+        case = self.case
         try:
-            built = contender.build(case, weights, device)
+            built = contender.build(case, self.weights, self.settings.device)
             with torch.no_grad():
-                y = built.fn(x)
-            if reference is None:
-                reference = reference_rows(case, weights.cast(case.torch_dtype), x, rows)
-            ref = reference[0] if contender.produces == "context" else reference[1]
-            got = y[:, rows.to(y.device)].to(torch.float64).cpu()
-            error = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                y = built.fn(self.x)  # (B, L, d)
+            got = y[:, self.rows.to(y.device)]
+            error = checks.output_error(case, got, self.reference(contender.produces), self.rows)
             del y, got
         except Exception as err:  # recorded; the run goes on
-            for p in passes:
-                sweep.fail(case, record(contender, p, "error"), err)
-            progress.advance(case.label, per_contender - 1)
-            continue
-        tolerance = TOLERANCE[case.dtype]
-        if not error <= tolerance:  # NaN is wrong too
-            for p in passes:
-                record(
-                    contender,
-                    p,
-                    "wrong",
-                    f"WRONG: max error {error:.2e} vs the float64 reference > {tolerance:.0e}",
-                    max_error=error,
-                    tolerance=tolerance,
-                )
-            progress.advance(case.label, per_contender - 1)
-            continue
-        check = {"max_error": error, "tolerance": tolerance, "state_bytes": built.state_bytes()}
-
-        # Peak memory, before any timing (a fresh process per case on a CPU).
-        memory: dict = {}
-        progress.advance(f"{case.label}  {name}: memory", 1)
-        if settings.measure_memory and device == "cpu" and not contender.memory_in_subprocess:
-            memory = {"status": "unmeasured", "reason": contender.memory_note}
-        elif settings.measure_memory and device == "cpu":
-            memory = measure_cpu(
-                contender,
-                case,
-                passes=tuple(passes),
-                seed=settings.seed,
-                threads=settings.threads,
-                limit_bytes=int(settings.memory_budget_bytes * 1.5),
-                timeout_s=60 + 20 * settings.time_budget_s,
+            self.fail(contender, passes, err)
+            return None
+        figures = {
+            "max_error": error,
+            "tolerance": checks.TOLERANCE[case.dtype],
+            "state_bytes": built.state_bytes(),
+            "module_bytes": built.module_bytes(),
+        }
+        if not error <= figures["tolerance"]:  # NaN is wrong too
+            reason = (
+                f"WRONG: worst row's error {error:.2e} vs the float64 reference > "
+                f"{figures['tolerance']:.0e}"
             )
-            if memory.get("status") in ("oom", "error"):
-                for p in passes:
-                    record(contender, p, memory["status"], memory["reason"], **check)
-                    sweep.stop(case, name, p, f"{memory['status']} at L={case.length}")
-                progress.advance(case.label, per_contender - 2)
-                continue
+            for p in passes:
+                self.record(contender, p, "wrong", reason, **figures)
+            return None
+        self.checked[contender.name] = {p: dict(figures) for p in passes}
+        if "fwd+bwd" in passes and not self._gradient_ok(contender, built, figures):
+            passes.remove("fwd+bwd")
+        return built if passes else None
 
+    def _gradient_ok(self, contender: Contender, built: Built, figures: dict) -> bool:
+        case = self.case
+        try:
+            got = checks.contender_grad(built, self.x, self.grad_rows, self.g)
+            error = checks.grad_error(got, self.reference_grad(contender.produces))
+        except Exception as err:
+            m = self.record(contender, "fwd+bwd", "error", **figures)
+            self.sweep.fail(case, m, err)
+            return False
+        grad = {"grad_error": error, "grad_tolerance": checks.GRAD_TOLERANCE[case.dtype]}
+        if not error <= grad["grad_tolerance"]:
+            reason = (
+                f"WRONG gradient: worst row's dL/dx error {error:.2e} vs the float64 reference "
+                f"> {grad['grad_tolerance']:.0e}"
+            )
+            self.record(contender, "fwd+bwd", "wrong", reason, **figures, **grad)
+            return False
+        self.checked[contender.name]["fwd+bwd"].update(grad)
+        return True
+
+    def memory(self, contender: Contender, passes: list[str]) -> dict:
+        """CPU: peak memory per pass in a fresh process, before any timing. A contender that
+        runs out of memory (or fails) there is recorded, and ``passes`` emptied."""
+        settings, case = self.settings, self.case
+        self.progress.advance(f"{case.label}  {contender.name}: memory", 1)
+        if not settings.measure_memory or settings.device != "cpu":
+            return {}
+        if not contender.memory_in_subprocess:
+            return {"status": "unmeasured", "reason": contender.memory_note}
+        memory = measure_cpu(
+            contender,
+            case,
+            passes=tuple(passes),
+            seed=settings.seed,
+            threads=settings.threads,
+            limit_bytes=int(settings.memory_budget_bytes * 1.5),
+            timeout_s=60 + 20 * settings.time_budget_s,
+        )
+        if memory.get("status") in ("oom", "error"):
+            for p in passes:
+                figures = self.checked[contender.name][p]
+                self.record(contender, p, memory["status"], memory["reason"], **figures)
+                self.sweep.stop(case, contender.name, p, f"{memory['status']} at L={case.length}")
+            passes.clear()
+        return memory
+
+    def go_live(
+        self, contender: Contender, built: Built, passes: list[str], memory: dict
+    ) -> list[_Live]:
+        """A timing entry per pass, with its peak memory (measured now on CUDA)."""
+        live = []
         for p in passes:
-            step = make_step(built.fn, x, built.params(), p, grad_out)
-            m = record(contender, p, "ok", **check)
+            step = make_step(built.fn, self.x, built.params(), p, self.grad_out)
+            m = self.record(contender, p, "ok", **self.checked[contender.name][p])
             try:
-                if settings.measure_memory and device == "cuda":
+                if self.settings.measure_memory and self.settings.device == "cuda":
                     m.memory_bytes = measure_cuda(step)
                 peak = memory.get("peak_bytes", {}).get(p)
                 if peak is not None:
@@ -471,14 +373,17 @@ def _run_case(
                 elif memory.get("status") == "unmeasured":
                     m.extra["memory"] = memory["reason"]
             except Exception as err:
-                sweep.fail(case, m, err)
+                self.sweep.fail(self.case, m, err)
                 continue
             live.append(_Live(contender, p, step, m))
-        keep_alive.append(built)
+        return live
 
-    _time_round_robin(live, settings, sweep, case, progress)
-    order = {c.name: i for i, c in enumerate(contenders)}
-    return sorted(out, key=lambda m: (order[m.contender], settings.passes.index(m.pass_)))
+    def advance_past(self, contender: Contender, timed: set[str]) -> None:
+        """Advance the progress over the warm-ups and repeats of the passes that won't run."""
+        settings = self.settings
+        idle = sum(p not in timed for p in settings.passes)
+        if idle:
+            self.progress.advance(self.case.label, idle * (settings.warmup + settings.repeats))
 
 
 def _time_round_robin(

@@ -2,7 +2,14 @@
 
 Timing: ``time.perf_counter`` on a CPU; CUDA events (with a synchronize) on a GPU. A call shorter
 than ``min_sample_s`` is looped so that each sample lasts at least that long; the sample's time is
-divided by the loop count.
+divided by the loop count. Contenders are timed round-robin (`interleaved`): each repeat visits
+every one in turn, so that a drift of the machine's speed hits them all alike.
+
+Why not ``torch.utils.benchmark.Timer``, the project's usual clock: its ``timeit(n)`` runs at least
+two untimed warm-up calls before every measurement (tripling the cost of a one-second call, and
+of a whole sweep), and its ``blocked_autorange`` times one statement to the end before the next
+starts, which is exactly what the round-robin avoids. Its clock is the same as ours
+(``timeit.default_timer``, i.e. ``perf_counter``, after a device synchronize).
 
 FLOP counts (multiply-adds count 2):
     attention forward     4 · B · H · L² · E          (q kᵀ and weights · v), halved when causal
@@ -20,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from selfattn.bench.presets import Case
+from selfattn.bench.results import Case
 
 FLOP_FORMULA = (
     "attention fwd 4·B·H·L²·E (×½ causal); projections 2·B·L·d_in·d_out per Linear; "
@@ -65,6 +72,30 @@ def time_calls(step: Callable[[], object], calls: int, device: str) -> float:
     for _ in range(calls):
         step()
     return (time.perf_counter() - t0) / calls
+
+
+def interleaved(
+    steps: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str = "cpu",
+    *,
+    warmup: int = 1,
+    min_sample_s: float = 0.0,
+) -> dict[str, list[float]]:
+    """Per-call seconds of each step, ``repeats`` samples each, timed round-robin after
+    ``warmup`` untimed calls each (the last of which sizes the loop of a call shorter than
+    ``min_sample_s``; with no warm-up, every sample is one call)."""
+    calls = {}
+    for name, step in steps.items():
+        call_s = None
+        for _ in range(warmup):
+            call_s = time_calls(step, 1, device)
+        calls[name] = 1 if call_s is None else loop_count(call_s, min_sample_s)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(time_calls(step, calls[name], device))
+    return samples
 
 
 def loop_count(call_s: float, min_sample_s: float) -> int:
