@@ -117,6 +117,10 @@ def merge_partials(
     out_* (..., Lq, Ev), lse_* (..., Lq) as returned by `attention_with_lse`. Returns
     (out (..., Lq, Ev) in out_a's dtype, lse (..., Lq)). A row that saw no key in either part
     (lse -inf in both) stays zeros with lse -inf, and passes zero gradient, never NaN.
+
+    Exact as long as each lse holds its row's information: a row whose float mask holds it near
+    ``torch.finfo(dtype).min`` has lse = finfo.min + (a few), which rounds to finfo.min in any
+    float dtype, so the two parts' relative weight is lost there.
     """
     dead = (lse_a == float("-inf")) & (lse_b == float("-inf"))  # (..., Lq)
     # logaddexp(-inf, -inf) is -inf but its gradient is NaN: give dead rows finite stand-ins.

@@ -109,6 +109,8 @@ def float_mask_shift(mask: Tensor) -> Tensor:
     With the shift, a row held entirely at finfo.min (or -1e9) weighs its keys by their
     scores, as softmax(s + c) = softmax(s) says. The shift is added back to the lse.
     """
+    if mask.shape[-1] == 0:  # no keys: nothing to shift
+        return mask.new_zeros(*mask.shape[:-1], 1)
     row_max = mask.detach().amax(dim=-1, keepdim=True)  # (..., Lq, 1)
     return row_max.masked_fill(~row_max.isfinite(), 0.0)
 

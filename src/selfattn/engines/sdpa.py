@@ -14,6 +14,10 @@ The adapter absorbs what SDPA does differently, so callers never see it:
 - A float mask is shifted so that each row's largest entry is 0 (`selfattn.masks.float_mask_shift`):
   a row held at finfo.min keeps its scores, and SDPA's backward its true log-sum-exp.
 SDPA returns neither the weights nor the log-sum-exp, so requests that need them go elsewhere.
+
+Known difference: SDPA adds a mask to the scores, so a key holding +inf that the mask hides
+(inf + -inf = NaN) turns every row that hides it to NaN, where "naive" and "tiled" fill masked
+cells and give NaN only in the rows that may see it. Non-finite q and k are garbage in either way.
 """
 
 from __future__ import annotations

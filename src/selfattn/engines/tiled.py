@@ -68,13 +68,21 @@ from selfattn._checks import (
 from selfattn.engines.registry import AttentionRequest, Engine, EngineOutput, register
 from selfattn.masks import block_is_empty, block_is_full, causal_block
 
-# Default tile: 256 queries x 512 keys. Timed on a 2-core AMD EPYC (fp32, E=64, forward, H=8,
-# L=4096): (256, 512), (512, 512) and (256, 1024) were within noise of each other and ~10% faster
-# than (128, 512) or (256, 256); smaller tiles spend more per tile on Python and small matmuls,
-# larger ones fall out of cache. Of the fast ones, (256, 512) skips the most causal/window work.
-# See benchmarks/engines.py.
-BLOCK_Q = 256
+# Default tiles: 512 keys, and 1024 queries (512 under a causal mask, where smaller query blocks
+# skip more of the masked half). Timed on the 2-core AMD EPYC (fp32, E=64, H=8, 1 thread, CPU
+# time, one run): forward L=4096 full at (256, 512) / (512, 512) / (1024, 512) took 345 / 319 /
+# 309 ms (SDPA 287); L=8192 causal at the same sizes 773 / 715 / 758 ms; a window of 256, 237 /
+# 245 / 344 ms. Larger tiles mean fewer Python steps, and more tiles on the fast path of
+# `_forward`; smaller ones skip more. See benchmarks/engines.py for the measured targets.
+BLOCK_Q = 512  # under a causal mask (and for callers that pass no is_causal)
+BLOCK_Q_FULL = 1024  # without one
 BLOCK_K = 512
+
+
+def default_block_q(is_causal: bool) -> int:
+    """The query tile `tiled_attention` uses when ``block_q`` is None."""
+    return BLOCK_Q if is_causal else BLOCK_Q_FULL
+
 
 _NEG_INF = float("-inf")
 # Scores are kept in base 2 (s * log2(e)) so the kernels can use exp2, about 4x faster than exp
@@ -93,7 +101,7 @@ def tiled_attention(
     window: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    block_q: int = BLOCK_Q,
+    block_q: int | None = None,
     block_k: int = BLOCK_K,
 ) -> tuple[Tensor, Tensor]:
     """Blockwise scaled dot-product attention (FlashAttention in PyTorch); returns (out, lse).
@@ -115,6 +123,7 @@ def tiled_attention(
         dropout_p: probability of zeroing an attention weight (kept ones are scaled by
             1 / (1 - p)); reproducible under `torch.manual_seed`.
         block_q, block_k: tile sizes (any positive ints; they need not divide Lq or Lk).
+            ``block_q=None``: `default_block_q(is_causal)`.
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, and lse (B, Hq, Lq), the log-sum-exp of each row's
@@ -126,7 +135,7 @@ def tiled_attention(
     check_window(window, is_causal)
     check_flag("is_causal", is_causal)
     dropout_p = probability("dropout_p", dropout_p)
-    positive_int("block_q", block_q)
+    block_q = default_block_q(is_causal) if block_q is None else positive_int("block_q", block_q)
     positive_int("block_k", block_k)
     scale = check_scale(scale, q.shape[-1])
     seed = _draw_seed() if dropout_p > 0.0 else 0
@@ -214,6 +223,7 @@ class _Problem:
     seed: int
     # A float mask's per-row shift, (1|B, 1|Hkv, 1|G, 1|Lq, 1): each row's largest visible entry
     mask_shift: Tensor | None = None  # (so mask5 - mask_shift peaks at 0); added back to lse
+    mask_has_neg_inf: bool = False  # a float mask with -inf cells: filled, not only added
 
     @staticmethod
     def build(q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk):
@@ -236,13 +246,19 @@ class _Problem:
         )  # fmt: skip
         if mask5 is None or mask5.dtype == torch.bool:
             return prob
-        return replace(prob, mask_shift=_visible_row_max(prob, bq, bk))
+        return replace(
+            prob,
+            mask_shift=_visible_row_max(prob, bq, bk),
+            mask_has_neg_inf=bool((mask5 == _NEG_INF).any()),
+        )
 
 
 def _visible_row_max(prob: _Problem, bq: int, bk: int) -> Tensor:
     """Each row's largest float-mask entry among the keys causal/window leaves visible (0 where
     none is finite): `selfattn.masks.float_mask_shift` computed tile by tile, never (Lq, Lk)."""
     m = prob.mask5  # (1|B, 1|Hkv, 1|G, 1|Lq, 1|Lk)
+    if m.shape[-1] == 0:  # no keys: nothing to shift
+        return m.new_zeros(*m.shape[:-1], 1)
     if not prob.is_causal:
         row_max = m.detach().amax(dim=-1, keepdim=True)  # (1|B, 1|Hkv, 1|G, 1|Lq, 1)
     else:
@@ -339,6 +355,8 @@ def _score_tile(prob, q_blk, k_blk, qs, qe, ks, ke, full, scratch: _Scratch) -> 
             shift = prob.mask_shift
             shift = shift if shift.shape[3] == 1 else shift[:, :, :, qs:qe]  # (.., 1|bq, 1)
             s5.add_(user - shift, alpha=LOG2E)  # (.., bq, bk): shifted first, then base 2
+            if prob.mask_has_neg_inf:  # -inf hides a cell even where the score is +inf
+                s5.masked_fill_(user == _NEG_INF, _NEG_INF)
     if not full:
         key = (bq, bk, qs - ks)  # tiles on the same diagonal share one mask
         if key not in scratch.drops:
@@ -360,10 +378,18 @@ def _dropout_keep(seed: int, qi: int, ki: int, shape, keep_prob: float, device) 
 
 
 def dropout_keep_mask(
-    seed: int, q_shape, k_shape, *, dropout_p: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    seed: int,
+    q_shape,
+    k_shape,
+    *,
+    dropout_p: float,
+    is_causal: bool = False,
+    block_q: int | None = None,
+    block_k: int = BLOCK_K,
 ) -> Tensor:
-    """The dense (B, Hq, Lq, Lk) keep-mask a call with this ``seed`` uses (no causal skipping):
-    for tests and explanations only, it costs Lq x Lk memory."""
+    """The dense (B, Hq, Lq, Lk) keep-mask a call with this ``seed`` (and the same ``is_causal``
+    and tile sizes) uses: for tests and explanations only, it costs Lq x Lk memory."""
+    block_q = default_block_q(is_causal) if block_q is None else block_q
     b, hq, lq, _ = q_shape
     hkv, lk = k_shape[1], k_shape[2]
     g = hq // hkv
@@ -384,41 +410,83 @@ def dropout_keep_mask(
 
 
 def _forward(prob: _Problem, q, k, v, bq: int, bk: int) -> tuple[Tensor, Tensor]:
-    """q (N, G, Lq, E), k (N, Lk, E), v (N, Lk, Ev) -> out (B, Hq, Lq, Ev), lse (B, Hq, Lq)."""
-    n, g, lq, _ = q.shape
+    """q (N, G, Lq, E), k (N, Lk, E), v (N, Lk, Ev) -> out (B, Hq, Lq, Ev), lse (B, Hq, Lq).
+
+    The online softmax keeps, per row, a *reference* ``ref`` (an attained base-2 score) in place
+    of the running max. Without a float mask, scores are taken relative to it inside the matmul
+    ([q | -ref] @ [k | 1]^T: ref is score-sized, so this costs no precision), and a tile whose
+    exp2 row sums stay below `_FAST_LIMIT` is accumulated as it is: no row max, no subtraction,
+    no rescaling. That is most tiles once every row has seen a key. Any other tile takes the
+    exact step of FlashAttention: ``ref`` rises to the tile's max, the sums are rescaled. A float
+    mask (whose offsets, -1e9 say, can make ``ref`` far from the scores) always takes it.
+    """
+    n, g, lq, e = q.shape
     ev = v.shape[-1]
     out_bhle = q.new_empty(prob.out_shape)  # (B, Hq, Lq, Ev): allocated in the caller's shape
     lse_bhl = q.new_empty(prob.out_shape[:-1])  # (B, Hq, Lq)  so neither is returned as a view
     out = out_bhle.view(n, g, lq, ev)  # (N, G, Lq, Ev) view
     lse = lse_bhl.view(n, g, lq)  # (N, G, Lq) view
-    p_drop = prob.dropout_p
-    keep_scale = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
     scratch = _Scratch(q, prob, bq, bk, count=1)
+    folded = prob.mask_shift is None  # no float mask
+    kx = torch.cat([k, k.new_ones(n, prob.lk, 1)], dim=-1) if folded else k  # (N, Lk, E+1): [k|1]
     for qi, qs, qe, visits in _plan(prob, bq, bk):
         rows = g * (qe - qs)
-        q_blk = _rows(q, qs, qe) * (prob.scale * LOG2E)  # (N, R, E): base-2 scores from here
-        m = q.new_full((n, rows), _NEG_INF)  # running row max (base 2)
-        l = q.new_zeros(n, rows)  # running sum of exp2(s - m)
-        acc = q.new_zeros(n, rows, ev)  # running unnormalised output
-        for ki, ks, ke, full in visits:
-            s = _score_tile(prob, q_blk, k[:, ks:ke], qs, qe, ks, ke, full, scratch)  # (N,R,bk)
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (N, R)
-            # A row with nothing visible yet has m_new = -inf: shift it by 0, not by -inf, so
-            # that exp2(-inf - (-inf)) = NaN never happens (its p stays exactly 0).
-            shift = m_new.masked_fill(m_new == _NEG_INF, 0.0)  # (N, R)
-            alpha = torch.exp2(m - shift)  # (N, R), rescales what was accumulated so far
-            p = s.sub_(shift.unsqueeze(-1)).exp2_()  # (N, R, bk), in place over s
+        qx = q.new_zeros(n, rows, kx.shape[-1])  # (N, R, E[+1]): [q * scale * log2(e) | -ref]
+        torch.mul(_rows(q, qs, qe), prob.scale * LOG2E, out=qx[..., :e])  # base-2 scores
+        ref = q.new_zeros(n, rows)  # (N, R) the rows' reference score (base 2)
+        l = q.new_zeros(n, rows)  # running sum of exp2(s - ref)
+        acc = q.new_zeros(n, rows, ev)  # running unnormalised output, relative to ref
+        settled = False  # every row has seen a key: the fast step may keep ref as it is
+        for qk_tile in visits:
+            ki, ks, ke, full = qk_tile
+            tile = (prob, qx, kx[:, ks:ke], qs, qe, ks, ke, full, scratch)
+            s = _score_tile(*tile)  # (N, R, bk): base-2 scores (- ref when folded), -inf masked
+            if settled:
+                p = s.exp2_()  # (N, R, bk), in place over s
+                row_sum = p.sum(dim=-1)  # (N, R)
+                if bool(row_sum.max() < _FAST_LIMIT):  # False on inf or NaN too
+                    l.add_(row_sum)
+                    acc.baddbmm_(_dropout(prob, p, qi, ki), v[:, ks:ke])  # (N,R,bk) x (N,bk,Ev)
+                    continue
+                s = _score_tile(*tile)  # a score far above ref: redo this tile exactly
+            # The exact step: ref rises to the tile's max where that is higher (a row that saw
+            # no key yet jumps to it); nothing visible (-inf), inf or NaN leave ref alone.
+            tile_max = s.amax(dim=-1)  # (N, R)
+            seen = l > 0
+            if folded:  # s and tile_max are relative to ref
+                rise = torch.where(seen, tile_max.clamp(min=0.0), tile_max)
+                rise = rise.masked_fill(~rise.isfinite(), 0.0)  # (N, R)
+                alpha = torch.exp2(-rise)  # rescales what was accumulated so far
+                ref.add_(rise)
+                qx[..., e].sub_(rise)  # the column holds -ref: later tiles come shifted
+            else:  # s is absolute: subtract the new ref itself, never ref + a difference
+                new_ref = torch.where(seen, torch.maximum(ref, tile_max), tile_max)
+                new_ref = torch.where(new_ref.isfinite(), new_ref, ref)  # (N, R)
+                alpha = torch.exp2(ref - new_ref)
+                rise, ref = new_ref, new_ref
+            alpha = alpha.masked_fill(~seen, 0.0)  # nothing accumulated: never inf * 0
+            p = s.sub_(rise.unsqueeze(-1)).exp2_()  # (N, R, bk), in place over s
             l.mul_(alpha).add_(p.sum(dim=-1))
-            if p_drop > 0.0:
-                keep = _dropout_keep(prob.seed, qi, ki, p.shape, 1.0 - p_drop, p.device)
-                p.mul_(keep).mul_(keep_scale)  # the normaliser l saw the weights before dropout
-            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, v[:, ks:ke])  # += (N,R,bk) x (N,bk,Ev)
-            m = m_new
-        # Rows that saw no key: l = 0 and acc = 0, so out = 0 and lse = -inf + log2 0 = -inf.
+            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(_dropout(prob, p, qi, ki), v[:, ks:ke])
+            settled = folded and bool((l > 0).all())
+        # Rows that saw no key: l = 0 and acc = 0, so out = 0 and lse = ref + log2 0 = -inf.
         out_blk = acc / l.masked_fill(l == 0.0, 1.0).unsqueeze(-1)  # (N, R, Ev)
         out[:, :, qs:qe] = out_blk.view(n, g, qe - qs, ev)
-        lse[:, :, qs:qe] = ((m + l.log2()) * LN2).view(n, g, qe - qs)  # natural log again
+        lse[:, :, qs:qe] = ((ref + l.log2()) * LN2).view(n, g, qe - qs)  # natural log again
     return out_bhle, lse_bhl
+
+
+# The fast step keeps a tile whose exp2 row sums stay below this: each weight is then at most
+# 2^32 times the row's reference, far from float32's 2^128 over a whole row.
+_FAST_LIMIT = 2.0**32
+
+
+def _dropout(prob: _Problem, p: Tensor, qi: int, ki: int) -> Tensor:
+    """Dropout on one tile of weights, in place (after l has summed them): keep and rescale."""
+    if prob.dropout_p == 0.0:
+        return p
+    keep = _dropout_keep(prob.seed, qi, ki, p.shape, 1.0 - prob.dropout_p, p.device)
+    return p.mul_(keep).mul_(1.0 / (1.0 - prob.dropout_p))
 
 
 def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq: int, bk: int):
@@ -473,6 +541,70 @@ def _backward(prob: _Problem, q, k, v, out, lse, dout, dlse, mask_grad: bool, bq
     dk = torch.cat(dk_parts, dim=1) if dk_parts else torch.zeros_like(k)  # (N, Lk, E)
     dv = torch.cat(dv_parts, dim=1) if dv_parts else torch.zeros_like(v)  # (N, Lk, Ev)
     return dq, dk, dv, dmask5
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels as plain functions, for callers that write their own autograd (ring attention).
+
+
+def tiled_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[Tensor, Tensor]:
+    """The forward kernel outside autograd: q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev)
+    -> out (B, Hq, Lq, Ev), lse (B, Hq, Lq), both in the compute dtype (float64 for float64
+    inputs, else float32), lse -inf on rows with no visible key. ``is_causal`` is bottom-right
+    aligned, as in `tiled_attention`; no mask, window or dropout. Nothing is saved for backward:
+    pair it with `tiled_backward`."""
+    check_qkv(q, k, v)
+    check_flag("is_causal", is_causal)
+    scale = check_scale(scale, q.shape[-1])
+    prob = _Problem.build(q, k, v, None, False, is_causal, None, scale, 0.0, 0, block_q, block_k)
+    with torch.no_grad():
+        return _forward(prob, *_to_blocks(prob, q, k, v), block_q, block_k)
+
+
+def tiled_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The FlashAttention-2 backward kernel outside autograd: (dq, dk, dv) in the compute dtype,
+    shaped like q, k and v.
+
+    ``out`` (B, Hq, Lq, Ev), ``lse`` (B, Hq, Lq) and ``dout`` (B, Hq, Lq, Ev) are those of the
+    query rows' whole attention. They may come from more keys than k holds (ring attention
+    passes the output and lse merged over every block): then P = exp(S - lse) is the rows' true
+    weights on these keys, dk and dv are exactly these keys' gradients, and dq is these keys'
+    share of q's gradient, to be summed over the blocks.
+    """
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    prob = _Problem.build(q, k, v, None, False, is_causal, None, scale, 0.0, 0, block_q, block_k)
+    qb, kb, vb = _to_blocks(prob, q, k, v)
+    n, g, lq = qb.shape[:3]
+    ev = v.shape[-1]
+    out_b = out.to(prob.dtype).reshape(n, g, lq, ev)  # (B, Hq, Lq, Ev) -> (N, G, Lq, Ev)
+    dout_b = dout.to(prob.dtype).reshape(n, g, lq, ev)  # (N, G, Lq, Ev)
+    lse_b = lse.to(prob.dtype).reshape(n, g, lq)  # (B, Hq, Lq) -> (N, G, Lq)
+    with torch.no_grad():
+        grads = _backward(prob, qb, kb, vb, out_b, lse_b, dout_b, None, False, block_q, block_k)
+    dq, dk, dv, _ = grads  # (N, G, Lq, E), (N, Lk, E), (N, Lk, Ev): back to q's, k's, v's shapes
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 # --------------------------------------------------------------------------------------------
