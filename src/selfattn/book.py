@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +35,14 @@ from selfattn._checks import (
     split_heads,
     token_input,
 )
+from selfattn.distributed.comm import rank_and_size
+from selfattn.distributed.layouts import check_layout
+from selfattn.distributed.ring import ring_attention
 from selfattn.functional import attention
 from selfattn.recording import one_layer, record
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def state_bytes(module: nn.Module) -> int:
@@ -199,6 +206,21 @@ class MultiHeadAttention(_ChapterState):
             (bidirectional) attention, as in BERT.
         window: with causal, each token sees only its ``window`` most recent tokens.
         backend: the engine, "auto" by default.
+        context_parallel_group: a ``torch.distributed`` process group of P ranks that share one
+            sequence (context parallelism; ring attention, `selfattn.distributed`). Default
+            None: the whole sequence is here. With a group, every rank of it calls forward at
+            once with its own shard of the sequence, x (..., L / P, d_in) in
+            ``context_parallel_layout`` order (``selfattn.distributed.shard_sequence(x, rank, P,
+            layout)`` cuts it), and gets its rows of the output, (..., L / P, d_out). The
+            projections run locally; attention runs ring-wide, over all L tokens. Backward too
+            runs on every rank at once, and leaves on each rank its shard's share of the
+            parameters' gradients: sum them over the group (``all_reduce``, or DDP over the
+            same ranks). ``context_length`` bounds the whole L. Not with ``window``,
+            ``dropout`` > 0, ``use_cache`` or ``padding_mask`` (a ValueError); ``backend``
+            is not used (each block runs the tiled engine).
+        context_parallel_layout: how the sequence is sharded: "zigzag" (the default, equal
+            work per rank under the causal mask; L a multiple of 2P) or "contiguous" (rank r
+            holds tokens [r·L/P, (r+1)·L/P)).
 
     ``forward(x, use_cache=False, padding_mask=None)``:
         padding_mask: (B, L_keys) bool, True = a real token that may be attended to. (This is
@@ -227,6 +249,8 @@ class MultiHeadAttention(_ChapterState):
         causal: bool = True,
         window: int | None = None,
         backend: str = "auto",
+        context_parallel_group: ProcessGroup | None = None,
+        context_parallel_layout: str = "zigzag",
     ) -> None:
         super().__init__()
         self.d_in = positive_int("d_in", d_in)
@@ -247,6 +271,14 @@ class MultiHeadAttention(_ChapterState):
         self.causal = causal
         self.window = window
         self.backend = backend
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = check_layout(context_parallel_layout)
+        cp_dropout = probability("dropout", dropout) > 0
+        if context_parallel_group is not None and (window is not None or cp_dropout):
+            raise ValueError(
+                "context_parallel_group: ring attention has no sliding window and no attention "
+                f"dropout; got window={window}, dropout={dropout} (use None and 0.0)"
+            )
         kv_out = self.num_kv_heads * self.head_dim
 
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -269,7 +301,16 @@ class MultiHeadAttention(_ChapterState):
         name = type(self).__name__
         x = token_input(x, self.d_in, name)
         length = x.shape[-2]
-        _check_length(length, self.context_length, name)
+        if self.context_parallel_group is not None:
+            if use_cache or padding_mask is not None:
+                raise ValueError(
+                    f"{name} with context_parallel_group supports neither use_cache nor "
+                    "padding_mask"
+                )
+            ranks = rank_and_size(self.context_parallel_group)[1]
+            _check_length(length * ranks, self.context_length, name)  # the whole sequence
+        else:
+            _check_length(length, self.context_length, name)
         record("inputs", x)
         q = split_heads(self.W_query(x), self.num_heads)  # (..., L, d_in) -> (B, H, L, D)
         k = split_heads(self.W_key(x), self.num_kv_heads)  # (B, Hkv, L, D)
@@ -286,6 +327,16 @@ class MultiHeadAttention(_ChapterState):
         """q (B, H, L, D) attends to k, v (B, Hkv, S, D); heads merged and projected."""
         record("keys", k)
         record("values", v)
+        if self.context_parallel_group is not None:  # this rank's rows, over every rank's keys
+            context = ring_attention(
+                q,
+                k,
+                v,
+                group=self.context_parallel_group,
+                is_causal=self.causal,
+                layout=self.context_parallel_layout,
+            )  # (B, H, L / P, D)
+            return self._output(x, context)
         context = attention(
             q,
             k,
@@ -296,6 +347,10 @@ class MultiHeadAttention(_ChapterState):
             dropout_p=self.dropout.p if self.training else 0.0,
             backend=self.backend,
         )  # (B, H, L, D)
+        return self._output(x, context)
+
+    def _output(self, x: Tensor, context: Tensor) -> Tensor:
+        """context (B, H, L, D): heads merged and projected, (..., L, d_out)."""
         merged = merge_heads(context, x.shape[:-2])  # (B, H, L, D) -> (..., L, d_out)
         out = self.out_proj(merged)  # (..., L, d_out)
         record("output", out)
