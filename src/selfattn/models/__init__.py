@@ -1,4 +1,7 @@
-"""Real pretrained models, rebuilt from selfattn's own modules and loaded with their weights.
+"""Models built from selfattn's own modules.
+
+`gpt`: the book's chapter-4 GPT (`GPT`, `GPTConfig`), on `selfattn.MultiHeadAttention`; trained by
+`selfattn train` (`selfattn.train`).
 
 `minilm`: sentence-transformers' all-MiniLM-L6-v2, a 6-layer BERT encoder whose every attention
 layer is a `selfattn.MultiHeadAttention`. Loading it needs the ``text`` extra (tokenizers,
@@ -7,6 +10,7 @@ package does not need it.
 """
 
 from selfattn._extras import MissingExtra
+from selfattn.models.gpt import GPT, GPTConfig
 from selfattn.models.minilm import (
     MODEL_NAME,
     MiniLM,
@@ -19,7 +23,9 @@ from selfattn.models.minilm import (
 )
 
 __all__ = [
+    "GPT",
     "MODEL_NAME",
+    "GPTConfig",
     "MiniLM",
     "MiniLMConfig",
     "MissingExtra",

@@ -1,0 +1,285 @@
+"""The book's chapter-4 GPT, built on selfattn's `MultiHeadAttention`.
+
+    idx (B, T) token ids
+      -> tok_emb(idx) + pos_emb(0..T-1), drop_emb                      (B, T, E)
+      -> n_layers x TransformerBlock (pre-LayerNorm):
+             x = x + drop_shortcut(att(norm1(x)))                       causal, H heads of E/H
+             x = x + drop_shortcut(ff(norm2(x)))                        E -> 4E -> E, GELU
+      -> final_norm, out_head                                           (B, T, vocab_size)
+
+Parameter names and the order in which submodules are created are the chapter's ``GPTModel``:
+its ``state_dict`` loads here with ``strict=True``, and the same seed gives the same weights.
+The extras (grouped-query attention, a sliding window, tied embeddings, the engine) are off by
+default; with them off this is exactly the chapter's model.
+
+Shapes: B batch, T tokens (<= context_length), E = emb_dim, H = n_heads, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from selfattn._checks import check_window, positive_int, probability
+from selfattn.book import MultiHeadAttention
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The model's sizes. The defaults are the chapter's ``GPT_CONFIG_124M``."""
+
+    vocab_size: int = 50257  # V
+    context_length: int = 1024  # longest input, and the rows of pos_emb
+    emb_dim: int = 768  # E
+    n_heads: int = 12  # H; head width E / H
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    n_layers: int = 12
+    drop_rate: float = 0.1  # embeddings, attention weights and both shortcuts
+    qkv_bias: bool = False
+    backend: str = "auto"  # the attention engine
+    window: int | None = None  # sliding-window attention: each token sees its `window` latest
+    tie_embeddings: bool = False  # out_head shares tok_emb's weight (GPT-2 does; the chapter not)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            positive_int(name, getattr(self, name))
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.n_kv_heads is not None:
+            positive_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads != 0:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+                )
+        probability("drop_rate", self.drop_rate)
+        check_window(self.window, True)
+
+
+class LayerNorm(nn.Module):
+    """The chapter's layer normalization: ``scale * (x - mean) / sqrt(var + eps) + shift``.
+
+    x (..., E) -> (..., E); biased variance, eps 1e-5, parameters ``scale`` and ``shift``.
+    """
+
+    def __init__(self, emb_dim: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)  # (..., 1)
+        norm_x = (x - mean) / torch.sqrt(var + self.eps)  # (..., E)
+        return self.scale * norm_x + self.shift
+
+
+class GELU(nn.Module):
+    """GELU, the tanh approximation the chapter (and GPT-2) uses."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class FeedForward(nn.Module):
+    """x (..., E) -> Linear(E, 4E) -> GELU -> Linear(4E, E) -> (..., E)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm block: attention, then feed-forward, each with a residual.
+
+    x (B, T, E) -> (B, T, E).
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            dropout=cfg.drop_rate,
+            num_heads=cfg.n_heads,
+            qkv_bias=cfg.qkv_bias,
+            num_kv_heads=cfg.n_kv_heads,
+            window=cfg.window,
+            backend=cfg.backend,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: Tensor, use_cache: bool = False) -> Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache))  # (B, T, E)
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, E)
+        return x
+
+
+class GPT(nn.Module):
+    """The chapter's ``GPTModel``: ``GPT(config)(idx)`` maps ids (B, T) to logits (B, T, V).
+
+    ``forward(idx, use_cache=True)`` decodes incrementally: each block's attention keeps the
+    keys and values of earlier calls (see `MultiHeadAttention`), and the new tokens take the
+    positions after them. `reset_cache()` starts a new sequence. `generate` does all of this.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        cfg = config
+        # The chapter's order of creation: the same seed gives the same weights.
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # after out_head's own init, so the other weights do not move
+            self.out_head.weight = self.tok_emb.weight
+
+    @property
+    def cache_len(self) -> int:
+        """Tokens held by the KV cache (0 when empty)."""
+        return self.trf_blocks[0].att.cache_len
+
+    def reset_cache(self) -> None:
+        """Empty every block's KV cache."""
+        for block in self.trf_blocks:
+            block.att.reset_cache()
+
+    def forward(self, idx: Tensor, use_cache: bool = False) -> Tensor:
+        """idx (B, T) int64 -> logits (B, T, V). With use_cache, positions follow the cache."""
+        if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx)
+            raise TypeError(f"idx must be an int64 tensor (B, T), got {got}")
+        start = self.cache_len if use_cache else 0
+        end = start + idx.shape[1]
+        if end > self.config.context_length:
+            raise ValueError(
+                f"GPT got {end} positions ({start} cached + {idx.shape[1]} new), more than "
+                f"context_length={self.config.context_length}"
+            )
+        positions = torch.arange(start, end, device=idx.device)  # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, E) + (T, E)
+        x = self.drop_emb(x)
+        for block in self.trf_blocks:
+            x = block(x, use_cache=use_cache)  # (B, T, E)
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, E) -> (B, T, V)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        use_cache: bool = True,
+    ) -> Iterator[Tensor]:
+        """Yield the next token (B, 1) after idx (B, T), ``max_new_tokens`` times.
+
+        Each step feeds the model at most its last ``context_length`` tokens, as the chapter's
+        ``generate_text_simple`` does. With ``use_cache`` (the default) the prompt is fed once
+        and then one token per step; once the sequence outgrows ``context_length``, the window
+        slides and every position changes, so each further step re-feeds the last
+        ``context_length`` tokens from an empty cache (a sliding recompute): the tokens are
+        the same as without the cache, only slower past the context.
+
+        temperature: 0 picks the most likely token (greedy); otherwise logits / temperature
+            are sampled from. top_k: sample among the k most likely tokens only.
+        generator: the random source of sampling (the global one when None).
+        The caches are emptied before and after. Dropout is whatever the mode says: call
+        ``eval()`` first to decode without it.
+        """
+        if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise TypeError("idx must be an int64 tensor (B, T)")
+        if idx.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one token, got 0")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None:
+            positive_int("top_k", top_k)
+        n = self.config.context_length
+        self.reset_cache()
+        try:
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits = self(idx[:, -n:])
+                elif self.cache_len > 0 and self.cache_len < n:  # cache the latest token only
+                    logits = self(idx[:, -1:], use_cache=True)
+                else:  # the prompt, or a window that has slid: fill the cache afresh
+                    self.reset_cache()
+                    logits = self(idx[:, -n:], use_cache=True)
+                next_id = _pick(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+                idx = torch.cat((idx, next_id), dim=1)
+                yield next_id
+        finally:
+            self.reset_cache()
+
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """idx (B, T) -> (B, T + max_new_tokens): the prompt and its continuation (see `stream`)."""
+        new = list(
+            self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache=use_cache)
+        )
+        return torch.cat([idx, *new], dim=1)
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    """The next token (B, 1) from the last position's logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def weights_state_dict(model: GPT) -> dict[str, Tensor]:
+    """The model's weights for saving: no chapter ``mask`` entries (they are rebuilt on
+    demand), and with tied embeddings no ``out_head.weight`` (it is ``tok_emb.weight``)."""
+    state = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
+    if model.config.tie_embeddings:
+        state.pop("out_head.weight", None)
+    return state
+
+
+def load_weights(model: GPT, state: dict[str, Tensor]) -> None:
+    """Load what `weights_state_dict` saved (or a chapter ``state_dict``), strictly."""
+    state = dict(state)
+    if model.config.tie_embeddings and "out_head.weight" not in state and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,32 @@
+"""Training the chapter's GPT on text: data, the loop, checkpoints, presets.
+
+data.py         the corpus, char / BPE tokenizers, the 90/10 split, random-window batches
+config.py       TrainConfig: every setting of a run, one dataclass
+presets.py      shakespeare-char, tiny
+schedule.py     the learning rate: warm-up, cosine decay (a pure function)
+loop.py         train(run): the loop, evaluation, hooks, stop on Ctrl-C / SIGTERM
+checkpoint.py   safetensors weights and training state, atomic and checksummed; load_run
+distributed.py  which process writes and which slice of the batch each trains on
+progress.py     the rich progress bar, or plain lines
+command.py      `selfattn train` / `selfattn generate`: request -> run
+"""
+
+from selfattn.train.checkpoint import LoadedRun, load_run
+from selfattn.train.config import TrainConfig
+from selfattn.train.loop import EvalContext, Hooks, Result, Run, StopRequest, train
+from selfattn.train.presets import PRESETS
+from selfattn.train.schedule import learning_rate
+
+__all__ = [
+    "PRESETS",
+    "EvalContext",
+    "Hooks",
+    "LoadedRun",
+    "Result",
+    "Run",
+    "StopRequest",
+    "TrainConfig",
+    "learning_rate",
+    "load_run",
+    "train",
+]

@@ -1,0 +1,252 @@
+"""`selfattn train` and `selfattn generate`: from the command's request to a run, and back.
+
+Everything that can be wrong with the input is found before any file is written: a bad text
+file, an --out folder that holds another run, a checkpoint that contradicts the flags or is
+damaged. Each is a ValueError (the CLI prints one line and exits with 2) and nothing on disk
+has changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from selfattn.models.gpt import GPT
+from selfattn.train import checkpoint
+from selfattn.train.config import RESUMABLE, TrainConfig
+from selfattn.train.data import (
+    Batches,
+    encode_splits,
+    new_tokenizer,
+    read_corpus,
+    saved_tokenizer,
+)
+from selfattn.train.distributed import Distributed
+from selfattn.train.loop import LOSS_PNG, METRICS, SAMPLES, Hooks, Run, StopRequest, train
+from selfattn.train.presets import PRESETS
+from selfattn.train.progress import Bar, Lines, Silent
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
+DEFAULT_PRESET = "shakespeare-char"
+
+
+@dataclass
+class TrainRequest:
+    preset: str | None = None
+    overrides: dict = field(default_factory=dict)  # only the flags given: {field: value}
+    out: str | None = None
+    resume: str | None = None
+    force: bool = False
+    quiet: bool = False
+
+
+def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
+    dist = Distributed.from_env()
+    run = resume_run(req, dist) if req.resume else new_run(req, dist)
+    cfg = run.config
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if not dist.is_main:
+        reporter = Silent()
+    elif req.quiet:
+        reporter = Lines(cfg.iters)
+    else:
+        reporter = Bar(cfg.iters, run.state.iteration if run.state else 0, run.title)
+    try:
+        with StopRequest() as stop:
+            result = train(run, hooks=hooks, stop=stop, dist=dist, reporter=reporter)
+    finally:
+        reporter.close()
+        dist.close()
+        torch.set_num_threads(threads)
+    if result.interrupted:
+        print(
+            f"selfattn train: stopped at iteration {result.iteration} of {cfg.iters}; "
+            f"checkpoint saved in {run.out}. Resume with: selfattn train --resume {run.out}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if dist.is_main:
+        last = next((r for r in reversed(result.records) if "val_loss" in r), {})
+        val = last.get("val_loss", float("nan"))
+        print(
+            f"done: {result.iteration} iterations, val loss {val:.4f}; files in {run.out} "
+            f"(selfattn generate --checkpoint {run.out})"
+        )
+    return 0
+
+
+# --- a new run ----------------------------------------------------------------------------------
+
+
+def new_run(req: TrainRequest, dist: Distributed) -> Run:
+    preset = req.preset or DEFAULT_PRESET
+    cfg = PRESETS[preset].config.replace(**req.overrides)
+    out = Path(req.out if req.out is not None else f"runs/{preset}")
+    _check_out(out, req.force)
+    corpus = read_corpus(cfg.text_file)
+    tokenizer = new_tokenizer(cfg.tokenizer, corpus, cfg.vocab_size)
+    splits = encode_splits(corpus, tokenizer, cfg.block_size)
+    _check_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the weights, and the dropout stream after them
+    model = GPT(cfg.model_config(tokenizer.vocab_size))
+    batches = _batches(cfg, splits, dist)
+    if dist.is_main:  # every check passed: now the folder changes
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (*checkpoint.RUN_FILES, METRICS, SAMPLES, LOSS_PNG, "tokenizer.json"):
+            (out / name).unlink(missing_ok=True)
+        tokenizer.save(out)
+        record = {
+            "format": checkpoint.FORMAT,
+            "preset": preset,
+            "model": dataclasses.asdict(model.config),
+            "train": dataclasses.asdict(cfg),
+            "data": {
+                "source": corpus.source,
+                "sha256": corpus.sha256,
+                "tokenizer": tokenizer.describe(),
+                "train_tokens": splits.train.numel(),
+                "val_tokens": splits.val.numel(),
+            },
+        }
+        checkpoint.write_config(out, record)
+    return Run(cfg, model, tokenizer, batches, out, title=preset)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    held = [name for name in checkpoint.RUN_FILES if (out / name).exists()]
+    if held and not force:
+        raise ValueError(
+            f"--out {out} already holds a run ({held[0]}): continue it with --resume {out}, "
+            "overwrite it with --force, or pick another --out"
+        )
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+
+
+def _batches(cfg: TrainConfig, splits, dist: Distributed) -> Batches:
+    return Batches(
+        splits, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank, dist.world_size
+    )
+
+
+# --- a resumed run ------------------------------------------------------------------------------
+
+
+def resume_run(req: TrainRequest, dist: Distributed) -> Run:
+    out = Path(req.resume)
+    if req.out is not None and Path(req.out).resolve() != out.resolve():
+        raise ValueError(
+            f"--out {req.out} contradicts --resume {req.resume}: a run resumes in place"
+        )
+    record = checkpoint.read_config(out)
+    saved = TrainConfig.from_dict(record["train"])
+    if req.preset is not None and req.preset != record.get("preset"):
+        raise ValueError(
+            f"--preset {req.preset} contradicts the run in {out} (preset {record.get('preset')})"
+        )
+    for name, value in req.overrides.items():
+        if name not in RESUMABLE and value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {value} contradicts the run in {out} ({name}={getattr(saved, name)}); "
+                f"a resumed run may change only {', '.join(sorted(RESUMABLE))}"
+            )
+    cfg = saved.replace(**{k: v for k, v in req.overrides.items() if k in RESUMABLE})
+    state = checkpoint.load_state(out)
+    if state.iteration >= cfg.iters:
+        raise ValueError(
+            f"the run in {out} has done {state.iteration} of {cfg.iters} iterations: pass "
+            f"--iters N (more than {state.iteration}) to go on"
+        )
+    data = record.get("data", {})
+    corpus = read_corpus(cfg.text_file)
+    if corpus.sha256 != data.get("sha256"):
+        raise ValueError(f"the text of the run in {out} ({corpus.source}) changed since it started")
+    tokenizer = saved_tokenizer(data.get("tokenizer", {}), out)
+    splits = encode_splits(corpus, tokenizer, cfg.block_size)
+    model_config = checkpoint.model_config(record)
+    if model_config != cfg.model_config(tokenizer.vocab_size):
+        raise ValueError(f"{out}/config.json: its model and training settings disagree")
+    _check_device(cfg.device)
+    model = GPT(model_config)
+    history = _history(out / METRICS, state.iteration)
+    if dist.is_main:  # checked: now the folder changes
+        record["train"] = dataclasses.asdict(cfg)
+        checkpoint.write_config(out, record)
+        checkpoint.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    batches = _batches(cfg, splits, dist)
+    return Run(cfg, model, tokenizer, batches, out, record.get("preset", "train"), state, history)
+
+
+def _history(path: Path, iteration: int) -> list[dict]:
+    """metrics.jsonl's records up to ``iteration`` (later ones were not checkpointed)."""
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and record.get("iter", iteration + 1) <= iteration:
+                records.append(record)
+    return records
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateRequest:
+    checkpoint: str
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    device: str = "cpu"
+
+
+def run_generate(req: GenerateRequest) -> int:
+    """Print the prompt, then each new token's text as soon as it is decoded."""
+    if req.prompt == "":
+        raise ValueError("--prompt must hold at least one character")
+    if req.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {req.temperature}")
+    _check_device(req.device)
+    loaded = checkpoint.load_run(req.checkpoint, req.device)
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.encode(req.prompt)
+    generator = torch.Generator(req.device)
+    if req.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(req.seed)
+    idx = torch.tensor([prompt], dtype=torch.long, device=req.device)  # (1, T)
+    sys.stdout.write(req.prompt)
+    sys.stdout.flush()
+    new: list[int] = []
+    shown = ""
+    for token in loaded.model.stream(
+        idx, req.max_new_tokens, req.temperature, req.top_k, generator
+    ):
+        new.append(int(token))
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):  # a character cut in the middle of its bytes: wait
+            continue
+        sys.stdout.write(text[len(shown) :])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write(tokenizer.decode(new)[len(shown) :] + "\n")
+    return 0

@@ -1,0 +1,99 @@
+"""A training run's settings: one small typed dataclass, and the model it describes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from selfattn.models.gpt import GPTConfig
+
+DTYPES = ("float32", "bfloat16")  # bfloat16: autocast around the forward, fp32 weights
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the text. Presets fill it; every field has a flag."""
+
+    # data
+    text_file: str | None = None  # None: the built-in tiny Shakespeare
+    tokenizer: str = "char"  # "char" or "bpe"
+    vocab_size: int | None = None  # BPE only (default 512)
+    block_size: int = 64  # T, the model's context_length
+    batch_size: int = 12  # B, the global batch (all processes together)
+    # model
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    emb_dim: int = 128
+    dropout: float = 0.0
+    backend: str = "auto"
+    # optimisation: AdamW, warm-up then cosine decay (see `selfattn.train.schedule`)
+    iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    decay_iters: int | None = None  # None: iters (the decay ends with the run)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1  # on matrices and embeddings only, not biases or norms
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # bookkeeping
+    eval_every: int = 250
+    eval_iters: int = 20  # batches per split for each loss estimate
+    sample_tokens: int = 200  # tokens of samples.txt at each evaluation
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 1337
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "batch_size", "iters", "eval_every", "eval_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+
+    @property
+    def lr_decay_iters(self) -> int:
+        return self.iters if self.decay_iters is None else self.decay_iters
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPT these settings train, for a tokenizer of ``vocab_size`` tokens."""
+        return GPTConfig(
+            vocab_size=vocab_size,
+            context_length=self.block_size,
+            emb_dim=self.emb_dim,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            n_layers=self.n_layers,
+            drop_rate=self.dropout,
+            qkv_bias=False,
+            backend=self.backend,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """From config.json's "train" entry; an unknown key is a ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**data)
+
+
+# Settings a resumed run may change; any other flag must agree with the checkpoint.
+RESUMABLE = frozenset({"iters", "eval_every", "eval_iters", "sample_tokens", "device", "threads"})

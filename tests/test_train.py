@@ -1,0 +1,306 @@
+"""`selfattn train` / `selfattn generate`: data, schedule, checkpoints, resume, signals, bad input.
+
+Every run here is the tiny preset on one thread, a few dozen iterations.
+"""
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfattn.cli import main
+from selfattn.train import checkpoint, files
+from selfattn.train.command import TrainRequest, run_train
+from selfattn.train.data import (
+    Batches,
+    CharTokenizer,
+    Corpus,
+    encode_splits,
+    read_corpus,
+)
+from selfattn.train.loop import Hooks
+from selfattn.train.schedule import learning_rate
+
+TINY = ["train", "--preset", "tiny", "--quiet", "--threads", "1"]
+
+
+def train(capsys, out, *args) -> int:
+    status = main([*TINY, "--out", str(out), *args])
+    capsys.readouterr()
+    return status
+
+
+def metrics(run_dir) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def snapshot(folder) -> dict[str, str]:
+    """{file name: sha256} of a folder, to show that nothing changed."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished tiny run (60 iterations), shared read-only: copy it to change it."""
+    out = tmp_path_factory.mktemp("train") / "tiny"
+    assert main([*TINY, "--out", str(out)]) == 0
+    return out
+
+
+# --- the schedule and the data -------------------------------------------------------------------
+
+
+def test_learning_rate_warms_up_decays_by_a_cosine_then_stays_at_the_floor():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=2000)
+    assert learning_rate(0, **kw) == pytest.approx(1e-3 / 101)
+    assert learning_rate(99, **kw) == pytest.approx(1e-3 * 100 / 101)
+    assert learning_rate(100, **kw) == pytest.approx(1e-3)
+    assert learning_rate(1050, **kw) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: the mean
+    assert learning_rate(2000, **kw) == pytest.approx(1e-4)
+    assert learning_rate(5000, **kw) == 1e-4
+    decay = [learning_rate(i, **kw) for i in range(100, 2001)]
+    assert all(a >= b for a, b in itertools.pairwise(decay))
+    assert learning_rate(0, lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=0) == 1.0
+
+
+def test_the_built_in_corpus_and_its_character_vocabulary():
+    corpus = read_corpus(None)
+    assert len(corpus.text) == 1_115_394
+    assert corpus.sha256 == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    train_text, val_text = corpus.splits
+    assert len(train_text) == int(1_115_394 * 0.9) and train_text + val_text == corpus.text
+    tok = CharTokenizer.from_text(corpus.text)
+    assert tok.vocab_size == 65 and tok.decode(tok.encode("ROMEO:\n")) == "ROMEO:\n"
+
+
+def test_batches_are_shifted_windows_from_a_seeded_generator_split_across_ranks():
+    text = "".join(chr(97 + i % 26) for i in range(2000))
+    corpus = Corpus(text, "test", "")
+    splits = encode_splits(corpus, CharTokenizer.from_text(text), 8)
+    x, y = Batches(splits, 6, 8, seed=5).next_train()
+    assert x.shape == y.shape == (6, 8) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal((x + 1) % 26, y)
+    again = Batches(splits, 6, 8, seed=5)
+    assert torch.equal(again.next_train()[0], x)
+    halves = [Batches(splits, 6, 8, seed=5, rank=r, world_size=2).next_train()[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), x)  # two processes see exactly one process's batch
+
+
+def test_atomic_write_leaves_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    files.atomic_write_bytes(path, b"old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", boom)
+    with pytest.raises(OSError):
+        files.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+# --- a run and what it leaves --------------------------------------------------------------------
+
+
+def test_a_tiny_run_writes_every_file(finished):
+    names = {p.name for p in finished.iterdir()}
+    expected = {"model.safetensors", "train_state.safetensors", "config.json"}
+    assert expected | {"metrics.jsonl", "loss.png", "samples.txt"} <= names
+    records = metrics(finished)
+    assert [r["iter"] for r in records] == list(range(1, 61))
+    assert [r["iter"] for r in records if "val_loss" in r] == [20, 40, 60]
+    assert all(math.isfinite(r["train_loss"]) for r in records)
+    assert records[-1]["val_loss"] < records[0]["train_loss"]  # it learned something
+    assert (finished / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (finished / "samples.txt").read_text().count("=== iteration") == 3
+    record = json.loads((finished / "config.json").read_text())
+    assert record["preset"] == "tiny" and record["model"]["n_layers"] == 2
+    assert record["data"]["tokenizer"]["kind"] == "char"
+    assert len(record["data"]["tokenizer"]["chars"]) == record["model"]["vocab_size"] == 65
+    # plain safetensors, readable without selfattn and without unpickling
+    from safetensors.torch import load_file
+
+    assert "tok_emb.weight" in load_file(finished / "model.safetensors")
+    state = load_file(finished / "train_state.safetensors")
+    assert {"rng.torch", "rng.batches", "optim.tok_emb.weight.exp_avg"} <= set(state)
+
+
+def test_generate_streams_the_same_text_for_the_same_seed(finished, capsys):
+    args = ["generate", "--checkpoint", str(finished), "--prompt", "ROMEO:"]
+    assert main([*args, "--max-new-tokens", "30", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert main([*args, "--max-new-tokens", "30", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first
+    assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 30 + 1
+    loaded = checkpoint.load_run(finished)
+    assert loaded.iteration == 60 and not loaded.model.training
+
+
+@pytest.mark.parametrize("dropout", ["0", "0.1"])
+def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(
+    tmp_path, capsys, monkeypatch, dropout
+):
+    common = ["--iters", "30", "--eval-every", "10", "--dropout", dropout]
+    assert train(capsys, tmp_path / "whole", *common) == 0
+
+    def interrupt(record):  # Ctrl-C after iteration 13: the loop stops after it and saves
+        if record["iter"] == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    request = TrainRequest(
+        "tiny", {"iters": 30, "eval_every": 10, "dropout": float(dropout), "threads": 1},
+        str(tmp_path / "cut"), quiet=True,
+    )  # fmt: skip
+    assert run_train(request, hooks=Hooks(on_step=[interrupt])) == 130
+    err = capsys.readouterr().err
+    assert "stopped at iteration 13 of 30" in err and f"--resume {tmp_path / 'cut'}" in err
+    assert len(metrics(tmp_path / "cut")) == 13
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    capsys.readouterr()
+    whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert [r["iter"] for r in cut] == list(range(1, 31))
+    for key in ("train_loss", "val_loss"):
+        a = [r[key] for r in whole if key in r]
+        b = [r[key] for r in cut if key in r]
+        assert len(a) == len(b) and max(abs(u - v) for u, v in zip(a, b, strict=True)) < 1e-5
+
+
+def test_resume_continues_up_to_more_iterations(finished, tmp_path, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    assert main(["train", "--resume", str(run), "--iters", "64", "--quiet"]) == 0
+    assert "done: 64 iterations" in capsys.readouterr().out
+    assert [r["iter"] for r in metrics(run)][-5:] == [60, 61, 62, 63, 64]
+    assert json.loads((run / "config.json").read_text())["train"]["iters"] == 64
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "selfattn", *TINY, "--iters", "100000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and f"selfattn train --resume {out}" in err
+    done = int(err.split("stopped at iteration ")[1].split()[0])
+    state = checkpoint.load_state(out)
+    assert state.iteration == done == len(metrics(out))
+
+
+# --- bad input: one line, exit 2, nothing written ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "no such file"),
+        (b"", "is empty"),
+        (b"abc\x00def" * 100, "looks binary"),
+        (b"\xff\xfe caf\xe9 " * 100, "not UTF-8"),
+        (b"To be, or not to be.\n" * 10, "too short"),
+    ],
+    ids=["missing", "empty", "binary", "latin-1", "short"],
+)
+def test_bad_text_files_are_one_line_and_write_nothing(tmp_path, capsys, content, needle):
+    text = tmp_path / "text.txt"
+    if content is not None:
+        text.write_bytes(content)
+    out = tmp_path / "run"
+    assert main([*TINY, "--text-file", str(text), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfattn train: error:") and err.count("\n") == 1 and needle in err
+    assert not out.exists()
+
+
+def test_an_out_folder_holding_a_run_is_kept_unless_forced(finished, tmp_path, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    assert train(capsys, run) == 2
+    assert snapshot(run) == before
+    assert main([*TINY, "--out", str(run), "--iters", "3", "--force"]) == 0
+    assert "done: 3 iterations" in capsys.readouterr().out
+    assert len(metrics(run)) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--n-layers", "3"], "--n-layers 3 contradicts"),
+        (["--lr", "0.5"], "--lr 0.5 contradicts"),
+        (["--preset", "shakespeare-char"], "--preset shakespeare-char contradicts"),
+        (["--iters", "60"], "has done 60 of 60 iterations"),
+    ],
+)
+def test_flags_contradicting_the_checkpoint_are_refused(finished, tmp_path, capsys, args, needle):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("name", ["train_state.safetensors", "model.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_exit_2(finished, tmp_path, capsys, damage, name):
+    run = shutil.copytree(finished, tmp_path / "run")
+    data = bytearray((run / name).read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-100] ^= 0xFF  # one byte of a tensor: only the checksum can tell
+    (run / name).write_bytes(bytes(data))
+    before = snapshot(run)
+    if name == "train_state.safetensors":
+        status = main(["train", "--resume", str(run), "--iters", "70", "--quiet"])
+    else:
+        status = main(["generate", "--checkpoint", str(run), "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "truncated or corrupted" in err and name in err
+    assert snapshot(run) == before
+
+
+def test_usage_errors(tmp_path, capsys):
+    assert main([*TINY, "--vocab-size", "300", "--out", str(tmp_path / "a")]) == 2
+    assert "--vocab-size is for --tokenizer bpe" in capsys.readouterr().err
+    assert main([*TINY, "--dropout", "1.5"]) == 2
+    assert "selfattn train: error: argument --dropout" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_bpe_on_a_text_file_saves_its_tokenizer_and_generates(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(read_corpus(None).text[:30_000], encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--text-file", str(text), "--tokenizer", "bpe", "--vocab-size", "300", "--iters", "4"]
+    assert train(capsys, out, *args) == 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["data"]["tokenizer"] == {
+        "kind": "bpe",
+        "file": "tokenizer.json",
+        "vocab_size": 300,
+    }
+    assert record["data"]["source"] == str(text.resolve()) and (out / "tokenizer.json").exists()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "KING", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("KING")
