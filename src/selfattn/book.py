@@ -231,7 +231,10 @@ class MultiHeadAttention(_ChapterState):
             keys (causal, bottom-right aligned). Feed the prompt, then one token at a time;
             `reset_cache()` starts a new sequence. A full cache is a ValueError. A call is all or
             nothing: one that raises (a bad padding_mask, a full cache, an error in attention)
-            leaves the cache exactly as it was, so it can be retried.
+            leaves the cache exactly as it was, so it can be retried. ``use_cache`` must be a
+            bool (a TypeError otherwise). Decoding is for eval mode: in training mode each
+            step's attention weights go through dropout like any forward's, so the same prompt
+            decodes differently from run to run; call ``eval()`` first.
 
     The ``state_dict`` also has the chapter's ``mask`` (see `_ChapterState`).
     """
@@ -299,6 +302,10 @@ class MultiHeadAttention(_ChapterState):
         self, x: Tensor, use_cache: bool = False, padding_mask: Tensor | None = None
     ) -> Tensor:
         name = type(self).__name__
+        if not isinstance(use_cache, bool):
+            raise TypeError(
+                f"use_cache must be a bool, got {type(use_cache).__name__} {use_cache!r}"
+            )
         x = token_input(x, self.d_in, name)
         length = x.shape[-2]
         if self.context_parallel_group is not None:

@@ -36,7 +36,9 @@ PER_HEAD_STEPS = (
     "scores",
     "scaled_scores",
     "mask",
+    "masked_scores",  # derived by selfattn.explain, never recorded
     "weights",
+    "dropped_weights",  # derived by selfattn.explain, never recorded
     "context",
 )
 

@@ -43,10 +43,15 @@ STEP_MEANINGS: dict[str, str] = {
     "scores": "Q Kᵀ: how well each query matches each key",
     "scaled_scores": "scores / sqrt(d_k): keeps softmax from saturating",
     "mask": "which keys each query may attend to (True = allowed)",
+    "masked_scores": "scaled scores with -inf where the mask hides a key, before softmax",
     "weights": "softmax over each row: attention weights, each row sums to 1",
+    "dropped_weights": "weights after dropout (training mode): kept ones scaled by 1 / (1 - p)",
     "context": "weights @ V: each token's weighted mix of the values",
+    "merged": "the heads' context vectors side by side (L, H * Dv), before out_proj",
     "output": "the module's output (heads merged, then out_proj where the module has one)",
 }
+# masked_scores, dropped_weights and merged are not recorded: `selfattn.explain` derives them.
+_MIXES_HEADS = ("merged", "output")
 
 
 @dataclass
@@ -68,7 +73,8 @@ class Trace:
 
     @property
     def scale(self) -> float:
-        return 1.0 / math.sqrt(self.d_k)
+        """The softmax scale: 1 / sqrt(d_k), unless ``extras["scale"]`` says otherwise."""
+        return float(self.extras.get("scale", 1.0 / math.sqrt(self.d_k)))
 
     @property
     def masked(self) -> bool:
@@ -88,7 +94,7 @@ class Trace:
         steps = {
             name: t[h : h + 1] if name in PER_HEAD_STEPS else t
             for name, t in self.steps.items()
-            if name != "output"
+            if name not in _MIXES_HEADS
         }
         return Trace(self.module, self.tokens, steps, {**self.extras, "head": h})
 
@@ -112,8 +118,9 @@ def trace(
     x is (L, d_in) or (B, L, d_in) (or whatever the module's forward takes). ``tokens`` labels
     the L positions (default "0", "1", ...). A module that runs several attention layers needs
     ``layer=`` (0 = the first to run), which the trace's ``extras["layer"]`` records; `trace_all`
-    gives them all. The module runs in the mode it is in: call ``module.eval()`` first for a
-    trace without dropout.
+    gives them all. The module runs in the mode it is in: in training mode with dropout, the
+    recorded weights are after dropout, and ``extras["note"]`` (and ``extras["dropout"]``, the
+    rate) says so; call ``module.eval()`` first for a trace without dropout.
     """
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
         raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
@@ -192,4 +199,18 @@ def _make_trace(
         if kv_heads != heads:  # grouped-query attention: query head h reads kv head h // group
             steps[name] = steps[name].repeat_interleave(heads // kv_heads, dim=0)  # -> (H, S, ·)
             extras["num_kv_heads"] = kv_heads
+    rate = _dropout_in_use(module)
+    if rate:
+        extras["dropout"] = rate
+        extras["note"] = (
+            f"{type(module).__name__} is in training mode: its weights are after dropout "
+            f"(p = {rate:g}), so they are random; call module.eval() first for the weights "
+            "without it"
+        )
     return Trace(module=type(module).__name__, tokens=list(tokens), steps=steps, extras=extras)
+
+
+def _dropout_in_use(module: nn.Module) -> float:
+    """The largest dropout rate acting in ``module`` (0.0 in eval mode or without dropout)."""
+    rates = [m.p for m in module.modules() if isinstance(m, nn.Dropout) and m.training]
+    return max(rates, default=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from selfattn.explain.chapter import add_chapter_steps
 from selfattn.module_kinds import MODULE_KINDS, ModuleKind, build_module
 from selfattn.text import trace_minilm, trace_text
 from selfattn.trace import Trace, trace
@@ -41,15 +42,34 @@ def example_inputs() -> torch.Tensor:
     return torch.tensor(EXAMPLE_INPUTS)
 
 
+UNTRAINED_NOTE = (
+    "The projections W_query, W_key and W_value are random (untrained), so these weights are "
+    "close to uniform and say nothing about the text. For attention a model has learned, use "
+    "--model minilm."
+)
+
+
 def explain_example(
-    kind: str = "v1", *, seed: int | None = None, d_out: int = 2, heads: int = 2
+    kind: str = "v1",
+    *,
+    seed: int | None = None,
+    d_out: int = 2,
+    heads: int = 2,
+    dropout: float = 0.0,
 ) -> Trace:
-    """Trace a module kind on the built-in six-token example."""
+    """Trace a module kind on the built-in six-token example, with the chapter's derived steps
+    (`selfattn.explain.chapter`); ``dropout`` > 0 adds the weights after dropout, seeded."""
     x = example_inputs()
     module = build_module(kind, x.shape[-1], d_out, heads, seed)
     result = trace(module, x, EXAMPLE_TOKENS)
     result.extras["description"] = MODULE_KINDS[kind].description
-    return result
+    return _finish(result, kind, dropout, seed)
+
+
+def _finish(tr: Trace, kind: str, dropout: float, seed: int | None) -> Trace:
+    if kind == "simple":
+        tr.extras["scale"] = 1.0  # the chapter's first attention: softmax of the raw scores
+    return add_chapter_steps(tr, dropout=dropout, seed=seed)
 
 
 def explain_traces(
@@ -61,6 +81,7 @@ def explain_traces(
     d_out: int | None = None,
     heads: int = 2,
     truncate: bool = False,
+    dropout: float = 0.0,
 ) -> list[Trace]:
     """What `selfattn explain` renders: one trace, or one per layer for a pretrained model.
 
@@ -73,9 +94,13 @@ def explain_traces(
         if model != "minilm":
             raise ValueError(f"unknown model {model!r}; expected 'minilm'")
         words = " ".join(EXAMPLE_TOKENS) if text is None else text  # "" is refused, not replaced
-        return trace_minilm(words, truncate=truncate)
+        return [add_chapter_steps(tr) for tr in trace_minilm(words, truncate=truncate)]
     kind = module or "v1"
     if text is not None:
         sizes = {} if d_out is None else {"d_out": d_out}
-        return [trace_text(text, kind, seed=seed, heads=heads, truncate=truncate, **sizes)]
-    return [explain_example(kind, seed=seed, d_out=2 if d_out is None else d_out, heads=heads)]
+        tr = trace_text(text, kind, seed=seed, heads=heads, truncate=truncate, **sizes)
+        if kind != "simple":
+            tr.extras["note"] = UNTRAINED_NOTE
+        return [_finish(tr, kind, dropout, seed)]
+    d_out = 2 if d_out is None else d_out
+    return [explain_example(kind, seed=seed, d_out=d_out, heads=heads, dropout=dropout)]

@@ -150,16 +150,28 @@ def legend(scale: float, *, plain: bool, causal: bool = False) -> Text:
     text = Text()
     text.append("weight: ", style="dim")
     if plain:
+        bounds = shade_bounds(scale)
         for level, char in enumerate(SHADES[1:], start=1):
-            text.append(f"{char * 2} {(level / 4) ** 2 * scale:.2f}  ")
-        text.append("(blank ≈ 0" + (f", {MASKED} masked)" if causal else ")"), style="dim")
+            text.append(f"{char} {_num(bounds[level - 1])}–{_num(bounds[level])}  ")
+        note = f"blank < {_num(bounds[0])}" + (f", {MASKED} masked" if causal else "")
+        text.append(f"\n        {note}", style="dim")
     else:
         text.append("0 ")
         for step in range(10):  # evenly spaced in sqrt(weight), as the cells are
             text.append("█", style=Style(color=_colour(step / 9)))
-        text.append(f" {scale:.2f}")
+        text.append(f" {_num(scale)}")
         text.append(f"  (square-root scale{f', {MASKED} masked' if causal else ''})", style="dim")
     return text
+
+
+def shade_bounds(scale: float) -> list[float]:
+    """Where each shade starts and ends: a weight w gets shade k when round(4 sqrt(w / scale))
+    is k, so the five shades cover [0, b0), [b0, b1), ... [b3, scale]."""
+    return [((level + 0.5) / 4) ** 2 * scale for level in range(4)] + [scale]
+
+
+def _num(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.2g}"
 
 
 def _cell(value: float, cell_w: int, plain: bool) -> tuple[str, Style | str]:

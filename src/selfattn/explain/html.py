@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from selfattn.explain.jsonout import visible_steps
 from selfattn.trace import Trace
 
 PAGE_STEPS = (
@@ -38,12 +39,15 @@ PAGE_STEPS = (
     "scaled_scores",
     "weights",
     "context",
+    "merged",
+    "output",
 )
 # A page holds at most this many numbers (~8 bytes each). Past it, a long input's page keeps
 # fewer layers or steps (see `_plan`) and says so.
 MAX_NUMBERS = 2_000_000
 _DECIMALS = 4
-_STEP_VIEWS = {"queries": "qkv", "keys": "qkv", "values": "qkv"}  # one view shows all three
+# one view shows Q, K and V; another the merged heads and out_proj's output
+_STEP_VIEWS = {"queries": "qkv", "keys": "qkv", "values": "qkv", "merged": "output"}
 
 
 def render_html(
@@ -168,7 +172,8 @@ def _plan(traces: list[Trace], layer: int) -> tuple[list[tuple[int, bool]], str]
 
 
 def _layer_data(tr: Trace, index: int, *, full: bool) -> dict[str, Any]:
-    names = [n for n in PAGE_STEPS if n in tr.steps and (full or n == "weights")]
+    shown = visible_steps(tr)  # no "output" where it only repeats a single head's context
+    names = [n for n in PAGE_STEPS if n in shown and (full or n == "weights")]
     mask = tr.steps.get("mask")
     masked = mask is not None and not bool(mask.all())
     return {
@@ -285,6 +290,9 @@ select { font: 14px var(--font); padding: 3px 6px; border-radius: 6px; border: 1
 .steps button { font: 600 13px var(--font); border: 1px solid #c5ccd8; background: #fff;
   color: var(--ink); border-radius: 16px; padding: 4px 12px; cursor: pointer; }
 .steps button:hover { border-color: var(--accent); }
+.steps button:disabled { background: #eef0f4; color: #a3abb8; border: 1px dashed #c5ccd8;
+  cursor: not-allowed; pointer-events: none; }
+.panel .thin { margin: 2px 0 0; font-size: 12px; color: var(--muted); }
 .steps button[aria-pressed="true"] { background: var(--accent); border-color: var(--accent);
   color: #fff; }
 .steps .arrow { color: #9aa3b2; font-size: 13px; }
@@ -347,6 +355,7 @@ _JS = r"""
     { id: "scaled_scores", label: "scaled", title: "Scaled scores  Q Kᵀ / √d_k" },
     { id: "weights", label: "softmax", title: "Attention weights  softmax(Q Kᵀ / √d_k)" },
     { id: "context", label: "context", title: "Context vectors  weights · V" },
+    { id: "output", label: "out_proj", title: "Output  out_proj(heads merged)" },
   ];
   const state = Object.assign({}, DATA.initial);
   const tip = document.getElementById("tip");
@@ -413,15 +422,18 @@ _JS = r"""
   // spec: {name, matrix, rows, cols, square, diverging, masked, tipFor(i, j, v)}
   function heatmap(spec) {
     const m = spec.matrix, nr = m.length, nc = m[0].length;
-    const rowH = Math.max(4, Math.min(54, Math.floor(640 / nr)));
+    // up to 160 rows, each row is tall enough for its own label (the page scrolls instead)
+    const rowH = Math.max(nr <= 160 ? 11 : 4, Math.min(54, Math.floor(640 / nr)));
     const colW = spec.square ? rowH : Math.max(2, Math.min(rowH, Math.floor(560 / nc)));
-    const rowEvery = Math.ceil(9 / rowH);  // on tiny rows, label every k-th one
     const size = rowH >= 16 ? 12 : rowH >= 11 ? 10 : 8;
+    const rowEvery = Math.ceil((size + 1) / rowH);  // on tiny rows, label every k-th one
     const rowText = spec.rows.map((s) => short(s, 16));
     const colText = spec.cols.map((s) => short(s, 16));
     const left = 14 + Math.max(...rowText.map((s) => textWidth(s, size)));
-    const colEvery = spec.square ? rowEvery : Math.max(1, Math.ceil(14 / colW));
     const colLen = Math.max(...colText.map((s) => textWidth(s, size)));
+    // square: labels rotated by 60°, so neighbours are colW·sin 60° apart; else side by side
+    const colEvery = spec.square ? Math.ceil((size + 1) / (colW * 0.87))
+      : Math.max(1, Math.ceil((colLen + 4) / colW));
     const top = 22 + (spec.square ? colLen * 0.87 : size + 4);
     const right = spec.square ? colLen * 0.5 + 8 : 8;
     const colAxis = spec.square ? "keys →" : "dim →";
@@ -511,6 +523,14 @@ _JS = r"""
     title.appendChild(h("span", { class: "shape" }, "(" + nr + " × " + nc + ")"));
     panel.appendChild(title);
     panel.appendChild(svg);
+    if (rowEvery > 1 || colEvery > 1) {
+      const every = (k) => (k === 2 ? "every 2nd" : k === 3 ? "every 3rd" : "every " + k + "th");
+      const parts = [];
+      if (rowEvery > 1) parts.push(every(rowEvery) + " row");
+      if (colEvery > 1) parts.push(every(colEvery) + " column");
+      panel.appendChild(h("p", { class: "thin" }, "Labels: " + parts.join(", ")
+        + " (they would overlap); hover a cell for its own."));
+    }
     panel.appendChild(legend(spec, lo, hi));
     return panel;
   }
@@ -583,6 +603,9 @@ _JS = r"""
       context: "<b>weights · V</b>: each token's context vector is the weighted average of the "
         + "value rows, weighted by its row of attention weights. This is what attention hands "
         + "on to the next layer.",
+      output: "<b>out_proj</b>: every head's context vectors side by side (transpose the heads "
+        + "next to the tokens, then view as " + L + " × d_out), and a Linear(d_out, d_out) that "
+        + "mixes the heads. This is what the module returns; it is the same for every head.",
     }[step];
   }
 
@@ -601,7 +624,17 @@ _JS = r"""
       return [squares("weights", "weight", false, (i) =>
         ["row " + i + " sums to " + fmt(headOf("weights")[i].reduce((a, b) => a + b, 0), 3)])];
     }
+    if (step === "output") {
+      const s = layer().steps, out = [];
+      if (s.merged) out.push(whole(s.merged, "heads merged"));
+      out.push(whole(s.output, "out_proj output"));
+      return out;
+    }
     return [vectors("values", "V"), vectors("context", "context")];
+  }
+  function whole(m, label) {
+    return { name: label, matrix: m, rows: tokens, cols: dims(m[0].length), diverging: true,
+      tipFor: vectorTip(label) };
   }
   function available(step) {
     const s = layer().steps;
@@ -665,8 +698,10 @@ _JS = r"""
     });
     box.appendChild(svg);
     const note = h("p", { class: "explain" });
-    const which = (DATA.layers.length > 1 ? layer().label + ", " : "") + "head " + state.head;
-    note.appendChild(h("span", {}, "Showing " + which + ". "
+    const which = [];
+    if (DATA.layers.length > 1) which.push(layer().label);
+    if (layer().num_heads > 1) which.push("head " + state.head);
+    note.appendChild(h("span", {}, (which.length ? "Showing " + which.join(", ") + ". " : "")
       + "On the left, a query's lines fan out to the keys it attends to; the weights are "
       + "listed on the right while you hover."));
     box.appendChild(note);
@@ -718,7 +753,8 @@ _JS = r"""
     });
     headSel.addEventListener("change", () => { state.head = +headSel.value; render(); });
     const steps = document.getElementById("steps");
-    STEPS.forEach((s, k) => {
+    const anyOutput = DATA.layers.some((l) => "output" in l.steps);
+    STEPS.filter((s) => s.id !== "output" || anyOutput).forEach((s, k) => {
       if (k) steps.appendChild(h("span", { class: "arrow", "aria-hidden": "true" }, "→"));
       const b = h("button", { type: "button", "data-step": s.id, "aria-pressed": "false" },
         s.label);
@@ -740,7 +776,8 @@ _JS = r"""
     });
     const step = STEPS.find((s) => s.id === state.step);
     document.getElementById("step-title").textContent = step.title
-      + (lay.num_heads > 1 && step.id !== "inputs" ? " — head " + state.head : "")
+      + (lay.num_heads > 1 && step.id !== "inputs" && step.id !== "output"
+        ? " — head " + state.head : "")
       + (DATA.layers.length > 1 ? " — " + lay.label : "");
     document.getElementById("step-text").innerHTML = explanation(step.id);
     const panels = document.getElementById("panels");

@@ -1,4 +1,5 @@
-"""`--png`: a trace's attention as heatmap panels, one per head, saved as a PNG image.
+"""`--png`: a trace's attention as heatmap panels, one per head, saved as an image (PNG; SVG or
+PDF when the file name ends in .svg or .pdf).
 
 Keys (the tokens attended to) run along x, queries (the tokens attending) down y, with the tokens
 as labels on both axes. Weights use a 0–1 sequential colour scale; raw and scaled scores use a
@@ -39,6 +40,22 @@ _MASKED_HATCH = "#a0a0a0"
 _ANNOTATE_UP_TO = 12  # write the value in each cell up to this many tokens
 
 
+IMAGE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+_LABEL_PITCH_PT = 9.0  # a tick label needs about this many points of axis; thinner ones are thinned
+_MAX_PIXELS = 5000  # the image's longer side at most: a 12-head 512-token figure stays quick
+
+
+def image_format(path: str | os.PathLike[str]) -> str:
+    """ "png", "svg" or "pdf" from the file name's ending; any other ending is a ValueError."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(
+            f"cannot tell the image format of {os.fspath(path)!r}: its name must end in "
+            f"{', '.join(IMAGE_FORMATS)}"
+        )
+    return IMAGE_FORMATS[suffix]
+
+
 def render_png(
     tr: Trace,
     path: str | os.PathLike[str],
@@ -47,9 +64,12 @@ def render_png(
     heads: Sequence[int] | None = None,
     dpi: int = 150,
 ) -> Figure:
-    """Draw `attention_figure` and save it to ``path`` as a PNG; returns the figure."""
+    """Draw `attention_figure` and save it to ``path``: PNG, or SVG / PDF when the name ends in
+    .svg / .pdf (any other ending is a ValueError); returns the figure."""
+    fmt = image_format(path)
     fig = attention_figure(tr, step=step, heads=heads)
-    fig.savefig(os.fspath(path), dpi=dpi, format="png")
+    dpi = min(dpi, _MAX_PIXELS / max(fig.get_size_inches()))
+    fig.savefig(os.fspath(path), dpi=dpi, format=fmt)
     return fig
 
 
@@ -58,8 +78,10 @@ def attention_figure(
 ) -> Figure:
     """One heatmap panel per head in ``heads`` (default: all) of ``tr.steps[step]`` (H, L, L).
 
-    The panels share one colour scale: 0–1 for weights; ±(largest unmasked |score|) for scores.
-    Raises `selfattn._extras.MissingExtra` when matplotlib is not installed.
+    Weights share one 0–1 colour scale. Scores get a scale per head, ±(that head's largest
+    unmasked |score|), each with its own colourbar, so one head with large scores does not wash
+    out the others. Tick labels are thinned to every k-th token when they would overlap, and
+    the title says so. Raises `selfattn._extras.MissingExtra` when matplotlib is not installed.
     """
     if step not in PNG_STEPS:
         raise ValueError(f"unknown step {step!r} for --png; expected one of {', '.join(PNG_STEPS)}")
@@ -72,94 +94,141 @@ def attention_figure(
     require("matplotlib", "plot", "--png")
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import PatchCollection
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
 
     values = tr.steps[step][heads].float().numpy()  # (h, L, L)
     mask = tr.steps.get("mask")
     allowed = (
         np.ones(values.shape, dtype=bool) if mask is None else mask[heads].numpy()
     )  # (h, L, L), True = may attend
-    any_masked = not allowed.all()
     length = values.shape[-1]
-
-    if step == "weights":
-        cmap, norm = "Blues", Normalize(0.0, 1.0)
-    else:
-        limit = float(np.abs(values[allowed]).max()) if allowed.any() else 1.0
-        limit = limit if limit > 0 else 1.0
-        cmap, norm = "RdBu_r", Normalize(-limit, limit)  # centred: 0 is white
 
     n_cols = min(len(heads), 4)
     n_rows = math.ceil(len(heads) / n_cols)
     panel = min(max(1.2 + 0.2 * length, 3.4), 9.0)  # inches per panel: ~0.2 in per token
-    label_room = 0.1 * max(len(t) for t in tr.tokens) + 0.6  # room for the token labels
+    font = 9 if length <= 20 else 7 if length <= 40 else 6
+    every = _label_every(length, panel, font)
+    labels = [_label(t) for t in tr.tokens]
+    label_room = 0.08 * font / 7 * max(len(t) for t in labels) + 0.6  # room for the labels
+    per_head_bar = step != "weights" and len(heads) > 1
     fig = Figure(
-        figsize=(n_cols * (panel + label_room) + 1.2, n_rows * (panel + label_room) + 1.0),
+        figsize=(
+            n_cols * (panel + label_room + (1.0 if per_head_bar else 0.0)) + 1.2,
+            n_rows * (panel + label_room) + 1.0,
+        ),
         layout="constrained",
     )
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    labels = [_label(t) for t in tr.tokens]
-    font = 9 if length <= 20 else 7 if length <= 40 else 5
-
+    for ax in axes.flat[len(heads) :]:
+        ax.set_axis_off()
+    used = list(axes.flat[: len(heads)])
     image = None
-    for k, ax in enumerate(axes.flat):
-        if k >= len(heads):
-            ax.set_axis_off()
-            continue
-        shown = np.ma.masked_array(values[k], mask=~allowed[k])  # masked cells use "bad"
-        colours = _colormap(cmap)
-        image = ax.imshow(shown, cmap=colours, norm=norm, interpolation="nearest")
-        if any_masked:
-            cells = [
-                Rectangle((j - 0.5, i - 0.5), 1, 1)
-                for i, j in zip(*np.nonzero(~allowed[k]), strict=True)
-            ]
-            ax.add_collection(
-                PatchCollection(
-                    cells, facecolor="none", edgecolor=_MASKED_HATCH, hatch="///", linewidth=0
-                )
-            )
-        if length <= _ANNOTATE_UP_TO:
-            _annotate(ax, values[k], allowed[k], norm, colours)
-        ax.set_xticks(range(length), labels, fontsize=font)
-        ax.set_yticks(range(length), labels, fontsize=font)
-        if length > 6:
-            ax.tick_params(axis="x", labelrotation=90)
-        else:
-            for text in ax.get_xticklabels():
-                text.set(rotation=45, ha="right", rotation_mode="anchor")
-        if length <= 60:  # thin white lines between cells
-            ax.set_xticks([x - 0.5 for x in range(length + 1)], minor=True)
-            ax.set_yticks([y - 0.5 for y in range(length + 1)], minor=True)
-            ax.grid(which="minor", color="white", linewidth=0.6)
-            ax.tick_params(which="minor", length=0)
-        ax.set_xlabel("key (attended to)")
-        ax.set_ylabel("query (attending)")
+    for k, ax in enumerate(used):
+        cmap, norm = _scale(step, values[k], allowed[k])
+        outer = (k % n_cols == 0, k + n_cols >= len(heads))  # (left column, bottom row)
+        image = _panel(ax, values[k], allowed[k], cmap, norm, labels, every, font, outer)
         if n_heads > 1:
             ax.set_title(f"head {heads[k]}", fontsize=11)
-
-    colourbar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=min(0.9, 0.5 + 0.1 * n_rows))
-    colourbar.set_label(_COLOURBAR_LABELS[step])
-    fig.suptitle(_title(tr, step), fontsize=12)
-    if any_masked:
-        fig.legend(
-            handles=[
-                Patch(
-                    facecolor=_MASKED_FACE,
-                    edgecolor=_MASKED_HATCH,
-                    hatch="///",
-                    label="masked: the query may not attend to this key (set to −∞ before softmax)",
-                )
-            ],
-            loc="outside lower center",
-            frameon=False,
-            fontsize=9,
-        )
+        if per_head_bar:
+            fig.colorbar(image, ax=ax, shrink=0.8).set_label(_COLOURBAR_LABELS[step], fontsize=8)
+    if not per_head_bar:
+        bar = fig.colorbar(image, ax=used, shrink=min(0.9, 0.5 + 0.1 * n_rows))
+        bar.set_label(_COLOURBAR_LABELS[step])
+    title = _title(tr, step)
+    if every > 1:
+        title += f" (every {_ordinal(every)} token labelled)"
+    fig.suptitle(title, fontsize=12)
+    if not allowed.all():
+        _masked_legend(fig)
     return fig
+
+
+def _scale(step: str, values, allowed):
+    """(colour map, norm) of one panel: 0–1 for weights; for scores, centred on 0 and as wide as
+    this head's largest unmasked |score|."""
+    import numpy as np
+    from matplotlib.colors import Normalize
+
+    if step == "weights":
+        return _colormap("Blues"), Normalize(0.0, 1.0)
+    limit = float(np.abs(values[allowed]).max()) if allowed.any() else 1.0
+    limit = limit if limit > 0 else 1.0
+    return _colormap("RdBu_r"), Normalize(-limit, limit)  # centred: 0 is white
+
+
+def _panel(ax, values, allowed, cmap, norm, labels, every, font, outer=(True, True)):
+    """One head's heatmap on ``ax``: masked cells hatched, thinned tick labels. With several
+    panels (every one has the same tokens), only the left column names the queries and only
+    the bottom row the keys: ``outer`` = (left column, bottom row)."""
+    import numpy as np
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    length = values.shape[-1]
+    shown = np.ma.masked_array(values, mask=~allowed)  # masked cells use "bad"
+    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
+    if not allowed.all():
+        cells = [
+            Rectangle((j - 0.5, i - 0.5), 1, 1) for i, j in zip(*np.nonzero(~allowed), strict=True)
+        ]
+        ax.add_collection(
+            PatchCollection(
+                cells, facecolor="none", edgecolor=_MASKED_HATCH, hatch="///", linewidth=0
+            )
+        )
+    if length <= _ANNOTATE_UP_TO:
+        _annotate(ax, values, allowed, norm, cmap)
+    ticks = list(range(0, length, every))
+    names = [labels[i] for i in ticks]
+    left, bottom = outer
+    ax.set_xticks(ticks, names if bottom else [], fontsize=font)
+    ax.set_yticks(ticks, names if left else [], fontsize=font)
+    if length > 6:
+        ax.tick_params(axis="x", labelrotation=90)
+    else:
+        for text in ax.get_xticklabels():
+            text.set(rotation=45, ha="right", rotation_mode="anchor")
+    if length <= 60:  # thin white lines between cells
+        ax.set_xticks([x - 0.5 for x in range(length + 1)], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(length + 1)], minor=True)
+        ax.grid(which="minor", color="white", linewidth=0.6)
+        ax.tick_params(which="minor", length=0)
+    if bottom:
+        ax.set_xlabel("key (attended to)")
+    if left:
+        ax.set_ylabel("query (attending)")
+    return image
+
+
+def _masked_legend(fig) -> None:
+    from matplotlib.patches import Patch
+
+    fig.legend(
+        handles=[
+            Patch(
+                facecolor=_MASKED_FACE,
+                edgecolor=_MASKED_HATCH,
+                hatch="///",
+                label="masked: the query may not attend to this key (set to −∞ before softmax)",
+            )
+        ],
+        loc="outside lower center",
+        frameon=False,
+        fontsize=9,
+    )
+
+
+def _label_every(length: int, panel_inches: float, font: float) -> int:
+    """Label every k-th token so that neighbouring labels (``font`` points tall) never overlap
+    on an axis ``panel_inches`` long."""
+    pitch = panel_inches * 72 / max(length, 1)  # points per cell
+    return max(1, math.ceil(max(_LABEL_PITCH_PT, font * 1.25) / pitch))
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _colormap(name: str):

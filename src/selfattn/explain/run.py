@@ -1,11 +1,13 @@
 """What `selfattn explain` does once its arguments are parsed: check, trace, render.
 
-Every check that can fail fast (output paths, optional dependencies, a pretrained model's layer
-and head) runs before any tracing.
+Every check that can fail fast (options that do not apply, output paths, optional dependencies,
+a pretrained model's layer and head, the text's length) runs before any tracing. An option that
+does not apply to the run asked for is a ValueError naming the reason (exit 2), never ignored.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -14,8 +16,13 @@ from typing import TextIO
 from selfattn._argtypes import check_writable
 from selfattn.explain import explain_traces
 from selfattn.explain.jsonout import to_json
-from selfattn.explain.terminal import make_console, render_walkthrough
+from selfattn.explain.terminal import MAX_PRECISION, make_console, render_walkthrough
 from selfattn.text import check_head, check_layer
+
+MULTI_HEAD_KINDS = ("wrapper", "mha")
+DEFAULT_HEADS = 2
+DEFAULT_PRECISION = 4
+IMAGE_FORMATS = (".png", ".svg", ".pdf")
 
 
 @dataclass(frozen=True)
@@ -28,19 +35,104 @@ class ExplainRequest:
     truncate: bool = False
     seed: int | None = None
     d_out: int | None = None
-    heads: int = 2
-    layer: int = 0
+    heads: int | None = None  # None: not given (2 for a multi-head kind)
+    dropout: float | None = None
+    layer: int | None = None  # None: not given (layer 0)
     head: int | None = None
-    precision: int = 4
+    precision: int | None = None  # None: not given (4)
     json: bool = False
     png: str | None = None
     html: str | None = None
-    step: str = "weights"
+    step: str | None = None  # None: not given (weights)
+
+
+def precision(text: str) -> int:
+    """``--precision``: decimals shown, 0..8."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..8, got {text!r}") from None
+    if not 0 <= value <= MAX_PRECISION:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..{MAX_PRECISION}, got {value}")
+    return value
+
+
+def dropout_rate(text: str) -> float:
+    """``--dropout``: a probability 0 <= P < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number 0 <= P < 1, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number 0 <= P < 1, got {text!r}")
+    return value
+
+
+def check_options(req: ExplainRequest) -> None:
+    """Refuse an option that does not apply to the run ``req`` asks for, saying why."""
+    kind = req.module or "v1"
+    model = f"--model {req.model}"
+    problems = [
+        (
+            req.heads is not None and req.model is not None,
+            f"--heads does not apply to {model}: its heads are fixed (pick one with --head)",
+        ),
+        (
+            req.heads is not None and req.model is None and kind not in MULTI_HEAD_KINDS,
+            f"--heads applies to --module wrapper or mha; --module {kind} has one head",
+        ),
+        (
+            req.d_out is not None and req.model is not None,
+            f"--d-out does not apply to {model}: its sizes are fixed",
+        ),
+        (
+            req.d_out is not None and kind == "simple",
+            "--d-out does not apply to --module simple: with no projections, its output is as "
+            "wide as its input",
+        ),
+        (
+            req.seed is not None and req.model is not None,
+            f"--seed does not apply to {model}: its weights are pretrained",
+        ),
+        (
+            req.seed is not None and kind == "simple" and req.dropout is None,
+            "--seed does not apply to --module simple: it has no random weights "
+            "(it seeds --dropout when given)",
+        ),
+        (
+            req.dropout is not None and req.model is not None,
+            f"--dropout does not apply to {model}: it runs in evaluation mode",
+        ),
+        (
+            req.layer is not None and req.model is None,
+            "--layer applies to --model minilm only: a --module is one layer",
+        ),
+        (req.truncate and req.text is None, "--truncate applies to --text only"),
+        (
+            req.step is not None and req.png is None and req.html is None,
+            "--step picks what --png draws and where --html opens; give --png or --html",
+        ),
+        (
+            req.precision is not None and (req.json or req.png is not None or req.html is not None),
+            "--precision sets the terminal walkthrough's decimals, which --json, --png and "
+            "--html do not print",
+        ),
+    ]
+    for wrong, reason in problems:
+        if wrong:
+            raise ValueError(reason)
+    if req.png is not None and not req.png.lower().endswith(IMAGE_FORMATS):
+        raise ValueError(
+            f"--png {req.png}: the name must end in .png, .svg or .pdf (the format written)"
+        )
 
 
 def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
     """Trace what ``req`` names and render it: terminal walkthrough, JSON, PNG and/or HTML."""
     out = out or sys.stdout
+    check_options(req)
+    layer = req.layer or 0
+    step = req.step or "weights"
     for flag, path in (("--png", req.png), ("--html", req.html)):
         if path is not None:
             check_writable(flag, path)
@@ -49,9 +141,11 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
 
         require("matplotlib", "plot", "--png")
     if req.model == "minilm":  # before the model runs: its sizes are known
-        check_layer(req.layer)
+        check_layer(layer)
         if req.head is not None:
             check_head(req.head)
+    if req.text is not None and not req.truncate:
+        _check_text_length(req.text)
 
     traces = explain_traces(
         module=req.module,
@@ -59,11 +153,12 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
         text=req.text,
         seed=req.seed,
         d_out=req.d_out,
-        heads=req.heads,
+        heads=DEFAULT_HEADS if req.heads is None else req.heads,
         truncate=req.truncate,
+        dropout=req.dropout or 0.0,
     )  # one per layer
-    _check_index("--layer", req.layer, len(traces), "layers")
-    tr = traces[req.layer]
+    _check_index("--layer", layer, len(traces), "layers")
+    tr = traces[layer]
     if req.head is not None:
         _check_index("--head", req.head, tr.num_heads, "heads")
     # a pretrained model has 12 heads: its walkthrough and JSON show one unless told otherwise
@@ -74,12 +169,12 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
         from selfattn.explain.png import render_png
 
         heads = None if req.head is None else [req.head]
-        render_png(tr, req.png, step=req.step, heads=heads)
-        print(f"wrote {req.png}: {req.step}, {_count(heads, tr.num_heads)}", file=said)
+        render_png(tr, req.png, step=step, heads=heads)
+        print(f"wrote {req.png}: {step}, {_count(heads, tr.num_heads)}", file=said)
     if req.html is not None:
         from selfattn.explain.html import write_html
 
-        write_html(traces, req.html, layer=req.layer, head=req.head or 0, step=req.step)
+        write_html(traces, req.html, layer=layer, head=req.head or 0, step=step)
         print(f"wrote {req.html}: open it in a browser (works offline)", file=said)
     if one_head is not None:
         tr = tr.select_head(one_head)
@@ -87,7 +182,23 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
         json.dump(to_json(tr), out)
         out.write("\n")
     elif req.png is None and req.html is None:
-        render_walkthrough(tr, make_console(file=out), precision=req.precision)
+        decimals = DEFAULT_PRECISION if req.precision is None else req.precision
+        render_walkthrough(tr, make_console(file=out), precision=decimals)
+
+
+def _check_text_length(text: str) -> None:
+    """``--text`` longer than the model's limit, in the command's own words."""
+    from selfattn.models.minilm import MODEL_NAME, load_tokenizer
+    from selfattn.text import MAX_TOKENS
+
+    if not text.strip():
+        return  # tokenize refuses it with its own message
+    count = len(load_tokenizer().encode(text).ids)
+    if count > MAX_TOKENS:
+        raise ValueError(
+            f"--text is {count} tokens long ([CLS] and [SEP] included), over {MODEL_NAME}'s "
+            f"limit of {MAX_TOKENS}; shorten it, or add --truncate to keep the first {MAX_TOKENS}"
+        )
 
 
 def _check_index(flag: str, value: int, count: int, what: str) -> None:
