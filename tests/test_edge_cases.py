@@ -266,3 +266,22 @@ def test_import_inside_inference_mode_works():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("backend", [*ENGINES, "auto"])
+@pytest.mark.parametrize(
+    ("dtype", "fill"), [(torch.bfloat16, "finfo32.min"), (torch.float16, -1e9)]
+)
+def test_a_wider_float_mask_is_not_narrowed_to_the_inputs_dtype(backend, dtype, fill):
+    """A float32 mask with bf16/fp16 inputs: finfo(float32).min is -inf in bf16 and -1e9 is -inf
+    in fp16, so casting the mask to q's dtype once turned such rows dead (zeros)."""
+    value = torch.finfo(torch.float32).min if fill == "finfo32.min" else fill
+    q, k, v = make_qkv(1, 2, 2, 3, 5, 8, dtype=dtype)
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[1] = False  # a row held entirely at the value: softmax ignores a constant
+    keep[2, :2] = False
+    mask = _bias(keep, value, torch.float32)
+    out = attention(*(t.detach().to(dtype) for t in (q, k, v)), attn_mask=mask, backend=backend)
+    expected = reference(q, k, v, bias=mask.double())
+    assert (out[..., 1, :] != 0).any()
+    assert_close(out, expected, torch.bfloat16)  # fp16 and bf16 inputs: the looser row

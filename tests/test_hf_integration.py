@@ -24,6 +24,7 @@ from transformers import masking_utils  # noqa: E402
 
 import selfattn.integrations.transformers as hf  # noqa: E402
 from selfattn._extras import MissingExtra  # noqa: E402
+from selfattn.masks import causal_mask  # noqa: E402
 
 ATOL = 1e-5  # float32, the issue's bound for hidden states, logits and gradients
 NAMES = ("selfattn", "selfattn_tiled", "selfattn_sdpa", "selfattn_naive")
@@ -243,12 +244,15 @@ def test_the_mask_is_none_only_where_it_is_exactly_selfattns_causal_window():
     causal = masking_utils.causal_mask_function
     assert hf.selfattn_mask(q_length=7, kv_length=7, mask_function=causal, **ask) is None
     window = masking_utils.sliding_window_causal_mask_function(3)
+    # a window that hides keys always arrives as a mask (not every model passes the window on);
+    # the attention function recognises it and hands the engine window= instead
+    dense = hf.selfattn_mask(q_length=7, kv_length=7, mask_function=window, local_size=3, **ask)
+    assert torch.equal(dense[0, 0], causal_mask(7, 7, window=3))
+    assert hf._is_window_mask(dense, 3) and not hf._is_window_mask(dense, 4)
+    # a window longer than the keys hides nothing: plain causal, no mask
     assert (
-        hf.selfattn_mask(q_length=7, kv_length=7, mask_function=window, local_size=3, **ask) is None
+        hf.selfattn_mask(q_length=3, kv_length=3, mask_function=window, local_size=3, **ask) is None
     )
-    # decoding one token after 9 cached ones: bottom-right, as selfattn aligns it
-    decode = dict(q_length=1, kv_length=10, q_offset=9)
-    assert hf.selfattn_mask(**decode, mask_function=window, local_size=3, **ask) is None
     # chunked attention also arrives with a local_size, but it is no sliding window: a real mask
     chunked = masking_utils.chunked_causal_mask_function(3, torch.zeros(2, dtype=torch.long))
     dense = hf.selfattn_mask(q_length=7, kv_length=7, mask_function=chunked, local_size=3, **ask)
@@ -299,3 +303,24 @@ def test_attention_sinks_are_refused_not_ignored():
     module = torch.nn.Module()
     with pytest.raises(ValueError, match=r"sinks"):
         forward(module, q, q, q, None, s_aux=torch.zeros(2))
+
+
+def test_a_window_the_model_does_not_pass_on_is_still_applied():
+    """Qwen2-MoE builds a sliding-window mask but never passes `sliding_window=` to the attention
+    function: a mask function that answered None there once let every key through (logits 0.1
+    off eager). A window that hides keys now always arrives as a mask."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, use_sliding_window=True,
+        sliding_window=4, max_window_layers=0, layer_types=["sliding_attention"] * 2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        for name in ("selfattn", "selfattn_tiled"):
+            model.set_attn_implementation(name)
+            torch.testing.assert_close(model(ids).logits, expected, atol=ATOL, rtol=ATOL)

@@ -89,9 +89,18 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same length Lk: {shapes}")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every engine computes scores, softmax, sums and lse in: float64 for float64
+    inputs, float32 otherwise (bf16 or fp16 scores would round the softmax's inputs to 2-3
+    significant digits)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
     """``attn_mask`` checked and made 4-D: broadcastable to (B, Hq, Lq, Lk), on q's device, and
-    (when float) in q's dtype. A 0-D to 3-D mask gains leading size-1 dims, a view."""
+    (when float) in the compute dtype (`compute_dtype`), never narrower: a float32 mask of
+    finfo(float32).min or -1e9 would become -inf in bf16 or fp16. A 0-D to 3-D mask gains
+    leading size-1 dims, a view."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
@@ -108,8 +117,8 @@ def check_mask(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
             f"attn_mask of shape {tuple(mask.shape)} cannot broadcast to (B, Hq, Lq, Lk) = {target}"
         )
     mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (1|B, 1|Hq, 1|Lq, 1|Lk)
-    if mask.is_floating_point() and mask.dtype != q.dtype:
-        mask = mask.to(q.dtype)
+    if mask.is_floating_point() and mask.dtype != compute_dtype(q.dtype):
+        mask = mask.to(compute_dtype(q.dtype))
     return mask.to(q.device)
 
 

@@ -30,6 +30,7 @@ from selfattn._checks import (
     check_qkv,
     check_scale,
     check_window,
+    compute_dtype,
     probability,
 )
 from selfattn.engines import AUTO_ORDER, AttentionRequest, Engine, EngineOutput, get_engine
@@ -181,15 +182,11 @@ def _empty_output(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest) ->
     anchor = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum()
     return EngineOutput(
         output=q.new_zeros(b, hq, lq, v.shape[-1]) + anchor,
-        lse=q.new_full((b, hq, lq), float("-inf"), dtype=_lse_dtype(q)) + anchor
+        lse=q.new_full((b, hq, lq), float("-inf"), dtype=compute_dtype(q.dtype)) + anchor
         if request.need_lse
         else None,
         weights=q.new_zeros(b, hq, lq, lk) + anchor if request.need_weights else None,
     )
-
-
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def select_engine(backend: str, request: AttentionRequest) -> Engine:

@@ -14,15 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfattn._checks import compute_dtype
 from selfattn.engines.registry import AttentionRequest, Engine, EngineOutput, register
 from selfattn.masks import float_mask_shift, merge_masks
 from selfattn.recording import is_recording, record
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores, softmax and sums run in float32 (float64 for float64 inputs), as in every engine:
-    bf16 or fp16 scores would round the softmax's inputs to 2-3 significant digits."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_mask(scaled: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:

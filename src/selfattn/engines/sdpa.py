@@ -56,6 +56,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, request: AttentionRequest) -
         mask = keep | rescue if mask.dtype == torch.bool else mask.masked_fill(rescue, 0.0)
     if mask is not None and mask.is_floating_point():
         mask = mask - float_mask_shift(mask)  # each row peaks at 0: see selfattn.masks
+        # In q's dtype, as every SDPA kernel accepts: after the shift, an entry that bf16 or
+        # fp16 cannot hold (below about -3.4e38 or -65504) is one softmax weighs 0 anyway.
+        mask = mask.to(q.dtype)
 
     out = F.scaled_dot_product_attention(
         q,  # (B, Hq, Lq, E)

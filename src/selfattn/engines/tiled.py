@@ -62,6 +62,7 @@ from selfattn._checks import (
     check_qkv,
     check_scale,
     check_window,
+    compute_dtype,
     positive_int,
     probability,
 )
@@ -239,7 +240,7 @@ class _Problem:
             mask5 = m4.reshape(m4.shape[0], *heads, m4.shape[2], m4.shape[3])
             if mask5.dtype == torch.bool:
                 mask5 = ~mask5  # True = masked out, ready for masked_fill_
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(q.dtype)
         prob = _Problem(
             b, hkv, g, lq, lk, dtype, (b, hq, lq, v.shape[-1]), mask5,
             is_causal, window, scale, dropout_p, seed,

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from selfattn._extras import require
 from selfattn.engines import available
 from selfattn.functional import attention, attention_with_weights
+from selfattn.masks import causal_mask
 
 _transformers = require("transformers", "hf", "selfattn.integrations.transformers")
 _masking = require("transformers.masking_utils", "hf", "selfattn.integrations.transformers")
@@ -118,6 +119,9 @@ def attention_forward(engine: str = "auto") -> Callable[..., tuple[Tensor, Tenso
         if attention_mask is None:  # the mask is ours to apply: causal (+ window) or nothing
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
             window = sliding_window if causal else None
+        elif _is_window_mask(attention_mask, sliding_window):  # exactly causal + the window:
+            causal, window = True, sliding_window  # the tiled engine skips the hidden blocks
+            attention_mask = None
         else:  # transformers' mask already holds causality, window and padding
             causal, window = False, None
         options = dict(
@@ -178,8 +182,14 @@ def selfattn_mask(
     2-D padding mask (B, cached + L).
     """
     padding = _masking.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    # A window that hides keys is never left to the attention function: some models (Qwen2-MoE,
+    # PhiMoE, ...) build a sliding-window mask but never pass `sliding_window=` to it, and would
+    # silently attend to every key. The attention function finds the window again in the dense
+    # mask when the model does pass it (see `_window_of`).
+    window_cuts = local_size is not None and kv_length > local_size
     if (
         allow_is_causal_skip
+        and not window_cuts
         and not use_vmap
         and _is_selfattn_causal(
             mask_function,
@@ -208,6 +218,17 @@ def selfattn_mask(
         device=device,
         **kwargs,
     )
+
+
+def _is_window_mask(mask: Tensor, window: int | None) -> bool:
+    """Whether a bool mask (B|1, 1, L, S) is exactly selfattn's bottom-right causal mask with a
+    sliding ``window``, for every batch row (no padding): one pass over the mask."""
+    if window is None or mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    expected = causal_mask(mask.shape[-2], mask.shape[-1], window=window, device=mask.device)
+    return bool((mask == expected).all())
 
 
 def _is_selfattn_causal(
