@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tolerances import assert_close
+from tolerances import PRINTED, SAME_ROUTE_F32, assert_close
 from torch import nn
 
 import selfattn.book
@@ -133,7 +133,7 @@ def test_chapter_printed_outputs(ours, book, args, printed, engine):
     out = ours(*args, backend=engine)(chapter_batch())
     assert out.shape == (2, 6, len(printed[0]))
     for b in range(2):
-        torch.testing.assert_close(out[b], torch.tensor(printed), atol=5e-5, rtol=0)
+        torch.testing.assert_close(out[b], torch.tensor(printed), **PRINTED)
 
 
 @pytest.mark.parametrize(
@@ -301,7 +301,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights(engine):
         state[f"{name}.weight"] = w.repeat_interleave(4, dim=0).reshape(32, 16)
     full.load_state_dict(state)
     x = torch.randn(2, 11, 16)
-    torch.testing.assert_close(gqa(x), full(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gqa(x), full(x), **SAME_ROUTE_F32)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -312,7 +312,7 @@ def test_padding_mask_ignores_padded_keys(engine):
     pad = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     out = mha(x, padding_mask=pad)
     alone = mha(x[1:, :4])
-    torch.testing.assert_close(out[1, :4], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :4], alone[0], **SAME_ROUTE_F32)
     with pytest.raises(ValueError, match=r"\(B, L_keys\) = \(2, 6\)"):
         mha(x, padding_mask=pad[:, :5])
     with pytest.raises(TypeError, match="bool"):
@@ -343,12 +343,12 @@ def test_kv_cache_decoding_equals_one_causal_forward(engine, num_kv_heads):
     with torch.no_grad():
         pieces = [mha(x[:, :7], use_cache=True)]  # the prompt
         pieces += [mha(x[:, t : t + 1], use_cache=True) for t in range(7, 20)]  # one at a time
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **SAME_ROUTE_F32)
     assert mha.cache_k.shape == (2, num_kv_heads or 4, 24, 4)  # pre-allocated
     mha.reset_cache()
     with torch.no_grad():
         again = mha(x[:, :5], use_cache=True)
-    torch.testing.assert_close(again, full[:, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, full[:, :5], **SAME_ROUTE_F32)
 
 
 def test_full_cache_is_an_error():
@@ -401,7 +401,7 @@ def test_a_failed_cached_call_leaves_the_cache_as_it_was(engine, failure, monkey
     x = torch.randn(2, 10, 8)
     expected = cached_decode(mha, x, padding=True)
     expected_cache = cache_state(mha)
-    torch.testing.assert_close(expected, mha(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected, mha(x), **SAME_ROUTE_F32)
 
     mha.reset_cache()
     kwargs, shape, error = FAILURES[failure]
@@ -446,7 +446,7 @@ def test_a_failed_first_cached_call_allocates_nothing(failure, monkeypatch):
     monkeypatch.undo()
     with torch.no_grad():
         out = mha(x, use_cache=True)
-    torch.testing.assert_close(out, mha(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, mha(x), **SAME_ROUTE_F32)
 
 
 def test_cache_is_not_in_state_dict():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerances import SAME_MODEL_F32
 from torch import nn
 
 from selfattn.models.gpt import GPT, GPTConfig, load_weights, weights_state_dict
@@ -181,7 +182,7 @@ def test_same_seed_same_weights_and_the_chapter_state_dict_loads_strictly_both_w
     fresh.load_state_dict(theirs, strict=True)
     ChapterGPTModel(SMALL).load_state_dict(mine, strict=True)
     idx = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(fresh.eval()(idx), book.eval()(idx), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh.eval()(idx), book.eval()(idx), **SAME_MODEL_F32)
 
 
 def test_forward_shape_and_parameter_names_follow_the_chapter():
@@ -253,7 +254,7 @@ def test_incremental_forward_with_the_cache_equals_one_full_forward():
         parts = [model(idx[:, :7], use_cache=True)]
         parts += [model(idx[:, t : t + 1], use_cache=True) for t in range(7, 12)]
     model.reset_cache()
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, **SAME_MODEL_F32)
 
 
 def test_top_k_one_is_greedy():

