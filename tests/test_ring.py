@@ -320,10 +320,29 @@ CASES_4 = [
     {"layout": "zigzag", "causal": True, "dtype": torch.float32, "shape": (1, 2, 1, 256, 16, 16)},
 ]
 
+# Three ranks: an odd ring (the zigzag pairs chunk r with chunk 2P-1-r = 5-r), and bf16 inputs
+# against the float64 reference within the table's bf16 row.
+CASES_3 = [
+    {"layout": "zigzag", "causal": True, "dtype": torch.float64, "shape": (1, 4, 2, 36, 8, 8)},
+    {"layout": "zigzag", "causal": True, "dtype": torch.bfloat16, "shape": (1, 2, 1, 48, 8, 8)},
+    {"layout": "contiguous", "causal": True, "dtype": torch.float64, "shape": (2, 2, 2, 33, 4, 6)},
+    {
+        "layout": "contiguous",
+        "causal": False,
+        "dtype": torch.bfloat16,
+        "shape": (1, 2, 2, 27, 8, 8),
+    },
+]
+
 
 def test_two_ranks_equal_single_process_attention():
     done = run_local(_rank_checks, 2, CASES_2, [("zigzag", 2), ("contiguous", 4)], timeout=90)
     assert done == [len(CASES_2)] * 2
+
+
+def test_three_ranks_equal_single_process_attention():
+    done = run_local(_rank_checks, 3, CASES_3, [("contiguous", 2)], timeout=90)
+    assert done == [len(CASES_3)] * 3
 
 
 def test_four_ranks_equal_single_process_attention():
