@@ -463,3 +463,16 @@ def test_engines_script_exits_1_when_a_target_is_missed(monkeypatch):
     monkeypatch.setattr(engines, "bench_forward", lambda repeats, size: missed)
     assert engines.main(["--cases", "1"]) == 1
     assert engines.Size(1).judge(False) is False and engines.Size(8).judge(False) is None
+
+
+def test_a_reason_with_brackets_is_printed_whole():
+    """rich markup once ate the '[bench]' of "pip install 'selfattn[bench]'" in a skip reason."""
+    from rich.console import Console
+
+    from selfattn.bench.report import _status
+    from selfattn.bench.results import Measurement
+
+    m = Measurement({}, "x", "fwd", "skipped", "not installed (pip install 'selfattn[bench]')")
+    console = Console(width=200, record=True)
+    console.print(_status(m))
+    assert "selfattn[bench]" in console.export_text()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from selfattn.bench.results import Measurement, Results
@@ -50,9 +51,10 @@ def _status(m: Measurement) -> str:
     if m.status == "ok":
         return m.extra.get("memory", "")
     if m.status == "wrong":
-        return f"[bold red]{m.reason}[/]"
+        return f"[bold red]{escape(m.reason)}[/]"
     label = {"skipped": "skipped", "stopped": "", "oom": "OOM", "error": "error"}[m.status]
     text = m.reason if not label or m.reason.startswith(label) else f"{label}: {m.reason}"
+    text = escape(text)  # a reason may hold brackets, e.g. pip install 'selfattn[bench]'
     return f"[yellow]{text}[/]" if m.status in ("oom", "error") else f"[dim]{text}[/]"
 
 
