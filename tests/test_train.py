@@ -304,3 +304,29 @@ def test_bpe_on_a_text_file_saves_its_tokenizer_and_generates(tmp_path, capsys):
     assert record["data"]["source"] == str(text.resolve()) and (out / "tokenizer.json").exists()
     assert main(["generate", "--checkpoint", str(out), "--prompt", "KING", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("KING")
+
+
+def test_the_training_benchmark_runs_in_quick_mode(tmp_path, capsys):
+    """benchmarks/train.py --quick: both contenders train, agree on the first batch, report."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "train.txt"
+        assert bench.main(["--quick", "--iters", "20", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    text = out.read_text()
+    assert "check: first batch, same weights" in text
+    assert "selfattn / plain:" in text and "% peak" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("contender"))
+    rows = [line.split() for line in lines[header + 1 : header + 3]]
+    assert [r[0] for r in rows] == ["selfattn", "plain"]
+    assert all(float(r[1]) > 0 and 0 < float(r[5]) < 5 for r in rows)  # ms/iter, val loss

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a real pretrained model instead: all-MiniLM-L6-v2's own attention, 6 layers of "
         "12 heads (needs the 'text' extra)",
     )
+    which.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        default=None,
+        help="a model trained by `selfattn train` (its folder): its attention on --text, one "
+        "layer per block, the run's tokens as labels",
+    )
     ex.add_argument(
         "--text",
         default=None,
@@ -114,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also show the weights after dropout in training mode (0 <= P < 1), seeded",
     )
     ex.add_argument(
-        "--layer", type=non_negative_int, default=None, help="which layer, for --model (default: 0)"
+        "--layer",
+        type=non_negative_int,
+        default=None,
+        help="which layer, for --model or --checkpoint (default: 0)",
     )
     ex.add_argument(
         "--head",

@@ -44,6 +44,7 @@ class ExplainRequest:
     png: str | None = None
     html: str | None = None
     step: str | None = None  # None: not given (weights)
+    checkpoint: str | None = None  # a run of `selfattn train`: its trained GPT on --text
 
 
 def precision(text: str) -> int:
@@ -104,9 +105,10 @@ def check_options(req: ExplainRequest) -> None:
             f"--dropout does not apply to {model}: it runs in evaluation mode",
         ),
         (
-            req.layer is not None and req.model is None,
-            "--layer applies to --model minilm only: a --module is one layer",
+            req.layer is not None and req.model is None and req.checkpoint is None,
+            "--layer applies to --model minilm only (or a --checkpoint): a --module is one layer",
         ),
+        *_checkpoint_problems(req),
         (req.truncate and req.text is None, "--truncate applies to --text only"),
         (
             req.step is not None and req.png is None and req.html is None,
@@ -144,25 +146,29 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
         check_layer(layer)
         if req.head is not None:
             check_head(req.head)
-    if req.text is not None and not req.truncate:
+    if req.text is not None and not req.truncate and req.checkpoint is None:
         _check_text_length(req.text)
 
-    traces = explain_traces(
-        module=req.module,
-        model=req.model,
-        text=req.text,
-        seed=req.seed,
-        d_out=req.d_out,
-        heads=DEFAULT_HEADS if req.heads is None else req.heads,
-        truncate=req.truncate,
-        dropout=req.dropout or 0.0,
-    )  # one per layer
+    if req.checkpoint is not None:
+        traces = _checkpoint_traces(req)  # one per block
+    else:
+        traces = explain_traces(
+            module=req.module,
+            model=req.model,
+            text=req.text,
+            seed=req.seed,
+            d_out=req.d_out,
+            heads=DEFAULT_HEADS if req.heads is None else req.heads,
+            truncate=req.truncate,
+            dropout=req.dropout or 0.0,
+        )  # one per layer
     _check_index("--layer", layer, len(traces), "layers")
     tr = traces[layer]
     if req.head is not None:
         _check_index("--head", req.head, tr.num_heads, "heads")
     # a pretrained model has 12 heads: its walkthrough and JSON show one unless told otherwise
-    one_head = req.head if req.head is not None or req.model is None else 0
+    trained = req.model is not None or req.checkpoint is not None
+    one_head = req.head if req.head is not None or not trained else 0
 
     said = sys.stderr if req.json else out  # keep stdout pure JSON under --json
     if req.png is not None:
@@ -184,6 +190,29 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
     elif req.png is None and req.html is None:
         decimals = DEFAULT_PRECISION if req.precision is None else req.precision
         render_walkthrough(tr, make_console(file=out), precision=decimals)
+
+
+def _checkpoint_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
+    """The options that do not apply to --checkpoint, each with why (see `check_options`)."""
+    if req.checkpoint is None:
+        return []
+    where = f"--checkpoint {req.checkpoint}"
+    return [
+        (req.text is None, f"{where} needs --text: the text to run the trained model on"),
+        (req.heads is not None, f"--heads does not apply to {where}: its heads are trained"),
+        (req.d_out is not None, f"--d-out does not apply to {where}: its sizes are trained"),
+        (req.seed is not None, f"--seed does not apply to {where}: its weights are trained"),
+        (req.dropout is not None, f"--dropout does not apply to {where}: it runs in eval mode"),
+        (req.truncate, f"--truncate does not apply to {where}: the text must fit its context"),
+    ]
+
+
+def _checkpoint_traces(req: ExplainRequest) -> list:
+    """The trained GPT of a `selfattn train` run on --text: one trace per block."""
+    from selfattn.explain.chapter import add_chapter_steps
+    from selfattn.train.traces import trace_run
+
+    return [add_chapter_steps(tr) for tr in trace_run(req.checkpoint, req.text)]
 
 
 def _check_text_length(text: str) -> None:

@@ -9,19 +9,20 @@
 
 Parameter names and the order in which submodules are created are the chapter's ``GPTModel``:
 its ``state_dict`` loads here with ``strict=True``, and the same seed gives the same weights.
-The extras (grouped-query attention, a sliding window, tied embeddings, the engine) are off by
-default; with them off this is exactly the chapter's model.
+The extras (grouped-query attention, a sliding window, tied embeddings, the engine, and
+``attn_only``: blocks of attention alone, no feed-forward, as in the induction-head studies) are
+off by default; with them off this is exactly the chapter's model.
 
 Shapes: B batch, T tokens (<= context_length), E = emb_dim, H = n_heads, V = vocab_size.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfattn._checks import check_window, positive_int, probability
@@ -43,6 +44,7 @@ class GPTConfig:
     backend: str = "auto"  # the attention engine
     window: int | None = None  # sliding-window attention: each token sees its `window` latest
     tie_embeddings: bool = False  # out_head shares tok_emb's weight (GPT-2 does; the chapter not)
+    attn_only: bool = False  # blocks without ff / norm2: attention-only (Olsson et al. 2022)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -74,18 +76,19 @@ class LayerNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)  # (..., 1)
-        norm_x = (x - mean) / torch.sqrt(var + self.eps)  # (..., E)
-        return self.scale * norm_x + self.shift
+        # The chapter's maths, in one fused kernel (the same formula; about 2x faster to train):
+        #   mean = x.mean(-1, keepdim=True); var = x.var(-1, keepdim=True, unbiased=False)
+        #   return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)  # (..., E)
 
 
 class GELU(nn.Module):
     """GELU, the tanh approximation the chapter (and GPT-2) uses."""
 
     def forward(self, x: Tensor) -> Tensor:
-        c = math.sqrt(2.0 / math.pi)
-        return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3))))
+        # The chapter's formula, in one fused kernel:
+        #   0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))
+        return F.gelu(x, approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -106,7 +109,8 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """A pre-LayerNorm block: attention, then feed-forward, each with a residual.
 
-    x (B, T, E) -> (B, T, E).
+    x (B, T, E) -> (B, T, E). With ``cfg.attn_only`` the block is attention alone (no ``ff``,
+    no ``norm2``): x = x + drop_shortcut(att(norm1(x))).
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -122,14 +126,15 @@ class TransformerBlock(nn.Module):
             window=cfg.window,
             backend=cfg.backend,
         )
-        self.ff = FeedForward(cfg)
+        self.ff = None if cfg.attn_only else FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.norm2 = None if cfg.attn_only else LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: Tensor, use_cache: bool = False) -> Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache))  # (B, T, E)
-        x = x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, E)
+        if self.ff is not None:
+            x = x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, E)
         return x
 
 

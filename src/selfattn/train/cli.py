@@ -61,7 +61,12 @@ _FIELDS = [
     ("--seed", "seed", seed, "seed of the weights, the batches and the samples"),
     ("--threads", "threads", positive_int, "CPU threads (torch.set_num_threads)"),
     ("--text-file", "text_file", str, "train on this UTF-8 text (default: tiny Shakespeare)"),
-    ("--vocab-size", "vocab_size", positive_int, "BPE vocabulary size (default: 512)"),
+    (
+        "--vocab-size",
+        "vocab_size",
+        positive_int,
+        "BPE vocabulary size (default: 512); the induction task's symbols (default: 64)",
+    ),
 ]
 
 
@@ -87,6 +92,8 @@ def add_train_parsers(subparsers) -> None:
     add("--backend", choices=available(), default=argparse.SUPPRESS, help="attention engine")
     add("--device", choices=("cpu", "cuda"), default=argparse.SUPPRESS, help="default: cpu")
     add("--dtype", choices=("float32", "bfloat16"), default=argparse.SUPPRESS, help="autocast")
+    add("--attn-only", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+        help="blocks of attention alone, no feed-forward (the induction preset's)")  # fmt: skip
     add("--out", metavar="DIR", help="the run's folder (default: runs/<preset>)")
     add("--resume", metavar="DIR", help="continue the run in DIR (up to --iters in all)")
     add("--force", action="store_true", help="overwrite a run already in --out")

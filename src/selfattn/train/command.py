@@ -20,14 +20,25 @@ from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import RESUMABLE, TrainConfig
 from selfattn.train.data import (
+    BPE_FILE,
     Batches,
     encode_splits,
     new_tokenizer,
     read_corpus,
     saved_tokenizer,
 )
-from selfattn.train.distributed import Distributed
-from selfattn.train.loop import LOSS_PNG, METRICS, SAMPLES, Hooks, Run, StopRequest, train
+from selfattn.train.ddp import Distributed, PeerFailure
+from selfattn.train.induction import InductionBatches, induction_metrics, induction_tokenizer
+from selfattn.train.loop import (
+    LOSS_PNG,
+    METRICS,
+    SAMPLES,
+    SCORES_PNG,
+    Hooks,
+    Run,
+    StopRequest,
+    train,
+)
 from selfattn.train.presets import PRESETS
 from selfattn.train.progress import Bar, Lines, Silent
 
@@ -46,9 +57,17 @@ class TrainRequest:
 
 
 def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
-    dist = Distributed.from_env()
-    run = resume_run(req, dist) if req.resume else new_run(req, dist)
+    dist = Distributed.from_env(_device(req))
+    try:
+        run = resume_run(req, dist) if req.resume else new_run(req, dist)
+        dist.barrier()  # rank 0 has prepared the folder
+    except BaseException:
+        dist.close()
+        raise
     cfg = run.config
+    hooks = hooks or Hooks()
+    if cfg.data == "induction":
+        hooks = dataclasses.replace(hooks, on_eval=[induction_metrics, *hooks.on_eval])
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -61,16 +80,21 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     try:
         with StopRequest() as stop:
             result = train(run, hooks=hooks, stop=stop, dist=dist, reporter=reporter)
+    except RuntimeError as err:
+        if dist.is_parallel and not isinstance(err, PeerFailure) and _is_collective_error(err):
+            raise dist.failure(err) from err
+        raise
     finally:
         reporter.close()
         dist.close()
         torch.set_num_threads(threads)
     if result.interrupted:
-        print(
-            f"selfattn train: stopped at iteration {result.iteration} of {cfg.iters}; "
-            f"checkpoint saved in {run.out}. Resume with: selfattn train --resume {run.out}",
-            file=sys.stderr,
-        )
+        if dist.is_main:
+            print(
+                f"selfattn train: stopped at iteration {result.iteration} of {cfg.iters}; "
+                f"checkpoint saved in {run.out}. Resume with: selfattn train --resume {run.out}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
     if dist.is_main:
         last = next((r for r in reversed(result.records) if "val_loss" in r), {})
@@ -82,6 +106,25 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     return 0
 
 
+def _device(req: TrainRequest) -> str:
+    """The device the run will train on (the process group's backend depends on it)."""
+    if "device" in req.overrides:
+        return req.overrides["device"]
+    if req.resume:
+        return checkpoint.read_config(Path(req.resume))["train"].get("device", "cpu")
+    return PRESETS[req.preset or DEFAULT_PRESET].config.device
+
+
+def _is_collective_error(err: RuntimeError) -> bool:
+    """Whether ``err`` came from the process group (a peer died, hung or left)."""
+    import torch.distributed as tdist
+
+    if isinstance(err, tdist.DistError):
+        return True
+    text = str(err)
+    return any(word in text for word in ("Gloo", "gloo", "NCCL", "Connection closed", "timed out"))
+
+
 # --- a new run ----------------------------------------------------------------------------------
 
 
@@ -90,16 +133,29 @@ def new_run(req: TrainRequest, dist: Distributed) -> Run:
     cfg = PRESETS[preset].config.replace(**req.overrides)
     out = Path(req.out if req.out is not None else f"runs/{preset}")
     _check_out(out, req.force)
-    corpus = read_corpus(cfg.text_file)
-    tokenizer = new_tokenizer(cfg.tokenizer, corpus, cfg.vocab_size)
-    splits = encode_splits(corpus, tokenizer, cfg.block_size)
+    if cfg.data == "induction":
+        tokenizer = induction_tokenizer(cfg.vocab_size)
+        batches = _induction_batches(cfg, tokenizer, dist)
+        data = {"source": "induction", "tokenizer": tokenizer.describe()}
+    else:
+        corpus = read_corpus(cfg.text_file)
+        tokenizer = new_tokenizer(cfg.tokenizer, corpus, cfg.vocab_size)
+        splits = encode_splits(corpus, tokenizer, cfg.block_size)
+        batches = _batches(cfg, splits, dist)
+        data = {
+            "source": corpus.source,
+            "sha256": corpus.sha256,
+            "tokenizer": tokenizer.describe(),
+            "train_tokens": splits.train.numel(),
+            "val_tokens": splits.val.numel(),
+        }
     _check_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the weights, and the dropout stream after them
     model = GPT(cfg.model_config(tokenizer.vocab_size))
-    batches = _batches(cfg, splits, dist)
+    dist.barrier()  # every process has checked the folder before rank 0 changes it
     if dist.is_main:  # every check passed: now the folder changes
         out.mkdir(parents=True, exist_ok=True)
-        for name in (*checkpoint.RUN_FILES, METRICS, SAMPLES, LOSS_PNG, "tokenizer.json"):
+        for name in (*checkpoint.RUN_FILES, METRICS, SAMPLES, LOSS_PNG, SCORES_PNG, BPE_FILE):
             (out / name).unlink(missing_ok=True)
         tokenizer.save(out)
         record = {
@@ -107,13 +163,7 @@ def new_run(req: TrainRequest, dist: Distributed) -> Run:
             "preset": preset,
             "model": dataclasses.asdict(model.config),
             "train": dataclasses.asdict(cfg),
-            "data": {
-                "source": corpus.source,
-                "sha256": corpus.sha256,
-                "tokenizer": tokenizer.describe(),
-                "train_tokens": splits.train.numel(),
-                "val_tokens": splits.val.numel(),
-            },
+            "data": data,
         }
         checkpoint.write_config(out, record)
     return Run(cfg, model, tokenizer, batches, out, title=preset)
@@ -139,6 +189,13 @@ def _batches(cfg: TrainConfig, splits, dist: Distributed) -> Batches:
     return Batches(
         splits, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank, dist.world_size
     )
+
+
+def _induction_batches(cfg: TrainConfig, tokenizer, dist: Distributed) -> InductionBatches:
+    return InductionBatches(
+        tokenizer.vocab_size, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank,
+        dist.world_size,
+    )  # fmt: skip
 
 
 # --- a resumed run ------------------------------------------------------------------------------
@@ -171,22 +228,27 @@ def resume_run(req: TrainRequest, dist: Distributed) -> Run:
             f"--iters N (more than {state.iteration}) to go on"
         )
     data = record.get("data", {})
-    corpus = read_corpus(cfg.text_file)
-    if corpus.sha256 != data.get("sha256"):
-        raise ValueError(f"the text of the run in {out} ({corpus.source}) changed since it started")
     tokenizer = saved_tokenizer(data.get("tokenizer", {}), out)
-    splits = encode_splits(corpus, tokenizer, cfg.block_size)
+    if cfg.data == "induction":
+        batches = _induction_batches(cfg, tokenizer, dist)
+    else:
+        corpus = read_corpus(cfg.text_file)
+        if corpus.sha256 != data.get("sha256"):
+            raise ValueError(
+                f"the text of the run in {out} ({corpus.source}) changed since it started"
+            )
+        batches = _batches(cfg, encode_splits(corpus, tokenizer, cfg.block_size), dist)
     model_config = checkpoint.model_config(record)
     if model_config != cfg.model_config(tokenizer.vocab_size):
         raise ValueError(f"{out}/config.json: its model and training settings disagree")
     _check_device(cfg.device)
     model = GPT(model_config)
     history = _history(out / METRICS, state.iteration)
+    dist.barrier()  # every process has read the folder before rank 0 changes it
     if dist.is_main:  # checked: now the folder changes
         record["train"] = dataclasses.asdict(cfg)
         checkpoint.write_config(out, record)
         checkpoint.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-    batches = _batches(cfg, splits, dist)
     return Run(cfg, model, tokenizer, batches, out, record.get("preset", "train"), state, history)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from selfattn.models.gpt import GPTConfig
 
 DTYPES = ("float32", "bfloat16")  # bfloat16: autocast around the forward, fp32 weights
+DATA = ("text", "induction")
 
 
 @dataclass(frozen=True)
@@ -15,9 +16,10 @@ class TrainConfig:
     """Everything a run needs besides the text. Presets fill it; every field has a flag."""
 
     # data
+    data: str = "text"  # "text", or "induction": synthetic repeated segments (train.induction)
     text_file: str | None = None  # None: the built-in tiny Shakespeare
     tokenizer: str = "char"  # "char" or "bpe"
-    vocab_size: int | None = None  # BPE only (default 512)
+    vocab_size: int | None = None  # BPE (default 512), or the induction task's symbols (64)
     block_size: int = 64  # T, the model's context_length
     batch_size: int = 12  # B, the global batch (all processes together)
     # model
@@ -27,6 +29,7 @@ class TrainConfig:
     emb_dim: int = 128
     dropout: float = 0.0
     backend: str = "auto"
+    attn_only: bool = False  # blocks without the feed-forward (GPTConfig.attn_only)
     # optimisation: AdamW, warm-up then cosine decay (see `selfattn.train.schedule`)
     iters: int = 2000
     lr: float = 1e-3
@@ -63,6 +66,13 @@ class TrainConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.tokenizer not in ("char", "bpe"):
             raise ValueError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.data not in DATA:
+            raise ValueError(f"data must be one of {', '.join(DATA)}, got {self.data!r}")
+        if self.data == "induction" and (self.text_file is not None or self.tokenizer != "char"):
+            raise ValueError(
+                "the induction task makes its own sequences: --text-file and --tokenizer do not "
+                "apply to it"
+            )
 
     @property
     def lr_decay_iters(self) -> int:
@@ -83,6 +93,7 @@ class TrainConfig:
             drop_rate=self.dropout,
             qkv_bias=False,
             backend=self.backend,
+            attn_only=self.attn_only,
         )
 
     @classmethod

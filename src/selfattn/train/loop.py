@@ -6,8 +6,9 @@
     metrics.jsonl   one record per iteration: iter, train_loss (the batch's), lr, tokens_per_s,
                     elapsed_s; evaluation records add val_loss, eval_train_loss and what the
                     evaluation hooks return (as "hook/NAME")
-    samples.txt     a sample at each evaluation
+    samples.txt     a sample at each evaluation (unless sample_tokens is 0)
     loss.png        the loss curves, redrawn at each evaluation
+    scores.png      the hooks' metrics against iterations (when there are hooks)
     model.safetensors, train_state.safetensors   a checkpoint at each evaluation, at the end,
                     and when a stop is requested (Ctrl-C / SIGTERM, see `StopRequest`)
 
@@ -39,14 +40,15 @@ from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import TrainConfig
 from selfattn.train.data import Batches, Tokenizer
-from selfattn.train.distributed import SINGLE, Distributed
-from selfattn.train.plot import have_matplotlib, plot_losses
+from selfattn.train.ddp import SINGLE, Distributed
+from selfattn.train.plot import have_matplotlib, plot_losses, plot_scores
 from selfattn.train.progress import Reporter, Silent
 from selfattn.train.schedule import learning_rate
 
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 LOSS_PNG = "loss.png"
+SCORES_PNG = "scores.png"  # the evaluation hooks' metrics, when there are any
 
 
 @dataclass
@@ -160,7 +162,7 @@ def train(
     if dist.is_main and not plot:
         reporter.message(f"{LOSS_PNG} skipped: drawing it needs the 'plot' extra (matplotlib)")
     it, saved_at, t0, speed = start, None, time.perf_counter(), None
-    while it < cfg.iters and not stop.requested:
+    while it < cfg.iters and not dist.any(stop.requested):  # every process stops at once
         t_step = time.perf_counter()
         lr = learning_rate(
             it, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
@@ -214,12 +216,15 @@ def _restore(run: Run, optimizer, names: list[str], device: torch.device) -> int
 
 
 def _report_evaluation(run: Run, records: list[dict], reporter: Reporter, plot: bool) -> None:
-    """The evaluation line, a sample in samples.txt, loss.png redrawn."""
+    """The evaluation line, a sample in samples.txt, loss.png (and scores.png) redrawn."""
     it = records[-1]["iter"]
     reporter.evaluation(records[-1])
-    _write_sample(run, it)
+    if run.config.sample_tokens > 0:
+        _write_sample(run, it)
     if plot:
         plot_losses(run.out / LOSS_PNG, records, f"{run.title}: {run.out.name}")
+        if any(key.startswith("hook/") for key in records[-1]):
+            plot_scores(run.out / SCORES_PNG, records, f"{run.title}: {run.out.name}")
 
 
 def save(run: Run, optimizer, names: list[str], it: int, dist: Distributed) -> None:
@@ -249,7 +254,7 @@ def evaluate(run: Run, it: int, hooks: Hooks, dist: Distributed, autocast) -> di
         ctx = EvalContext(
             it, model, cfg, run.batches, run.tokenizer, device, eval_generator(cfg, it)
         )
-        out |= {f"hook/{k}": v for k, v in hook(ctx).items()}
+        out |= {f"hook/{k}": dist.mean(v) for k, v in hook(ctx).items()}
     model.train()
     return out
 

@@ -1,4 +1,11 @@
-"""loss.png: the training and validation loss against iterations (matplotlib, the 'plot' extra)."""
+"""The run's figures (matplotlib, the 'plot' extra), redrawn at each evaluation:
+
+loss.png     the training and validation loss against iterations
+scores.png   the evaluation hooks' metrics against iterations, one panel per family: the
+             records' "hook/NAME" (a panel of its own) and "hook/FAMILY/MEMBER" (one line per
+             member in FAMILY's panel), e.g. the induction task's accuracy, and its
+             induction and previous-token scores per head
+"""
 
 from __future__ import annotations
 
@@ -33,6 +40,37 @@ def plot_losses(path: Path, metrics: list[dict], title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_scores(path: Path, metrics: list[dict], title: str) -> None:
+    """Write scores.png atomically: every "hook/..." metric of ``metrics`` against iterations."""
+    from matplotlib.figure import Figure
+
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for m in metrics:
+        for key, value in m.items():
+            if key.startswith("hook/"):
+                family, _, member = key[len("hook/") :].partition("/")
+                panels.setdefault(family, {}).setdefault(member, []).append((m["iter"], value))
+    if not panels:
+        return
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (family, lines) in zip(axes, panels.items(), strict=True):
+        for member, points in lines.items():
+            ax.plot(*zip(*points, strict=True), "o-", ms=2.5, lw=1.2, label=member or family)
+        ax.set_title(family)
+        ax.set_xlabel("iteration")
+        if all(0 <= v <= 1 for points in lines.values() for _, v in points):
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

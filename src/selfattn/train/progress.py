@@ -19,8 +19,24 @@ def eval_line(record: dict, iters: int) -> str:
     parts.append(f"lr {record['lr']:.1e},")
     parts.append(f"{record['tokens_per_s']:,.0f} tok/s,")
     parts.append(f"{record['elapsed_s']:.1f} s")
-    extra = [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("hook/")]
+    extra = hook_summary(record)
     return " ".join(parts + ([", ".join(extra)] if extra else []))
+
+
+def hook_summary(record: dict) -> list[str]:
+    """The hooks' metrics, short: "NAME 0.9512" each, and for a family of them ("hook/FAMILY/
+    MEMBER", say a score per head) its best member only: "induction max 0.8731 (L1H2)"."""
+    out, best = [], {}
+    for key, value in record.items():
+        if not key.startswith("hook/"):
+            continue
+        family, _, member = key[len("hook/") :].partition("/")
+        if not member:
+            out.append(f"{family} {value:.4f}")
+        elif family not in best or value > best[family][1]:
+            best[family] = (member, value)
+    out += [f"{family} max {value:.4f} ({member})" for family, (member, value) in best.items()]
+    return out
 
 
 class Reporter(Protocol):

@@ -1,0 +1,331 @@
+"""Training speed: selfattn's GPT beside a plain-PyTorch GPT of the same shape, in one run.
+
+    python benchmarks/train.py --out docs/bench/train.txt --png docs/bench/train.png
+    python benchmarks/train.py --quick                 # a smoke test, in seconds
+
+The recipe is the ``shakespeare-char`` preset (4 layers, 4 heads, emb 128, context 64, batch 12,
+2000 iterations, AdamW 1e-3 with warm-up and cosine decay, clipping 1.0, fp32, dropout 0) for
+both contenders:
+
+    selfattn   selfattn.models.gpt.GPT: the chapter's GPT on selfattn's MultiHeadAttention
+    plain      `PlainGPT` below: the same architecture written directly in PyTorch, one fused
+               qkv Linear, nn.LayerNorm, F.gelu, and F.scaled_dot_product_attention
+
+Both start from the same weights (the plain model loads selfattn's initial ones), see the same
+batches and use the same optimizer and schedule (selfattn.train's), so the first loss must agree
+(checked before any timing) and the curves should stay close. They train in alternating chunks of
+``--chunk`` iterations (round-robin: a busy moment of the machine slows both alike); only the
+training steps are timed, not the evaluations.
+
+Reported: ms per iteration (total time / iterations) and the ratio selfattn / plain (target
+<= 1.10), tokens/s, achieved GFLOP/s and % of the machine's fp32 matmul peak (FLOPs per token
+6·N + 12·n_layers·T·E, N the non-embedding parameters, as nanoGPT's MFU estimate), the
+validation loss every ``eval_every`` iterations and at the end over ``--final-eval-iters``
+batches (target for selfattn <= 1.90), and a sample from the trained selfattn model. Targets
+are judged only for the full recipe (not with --quick or --iters); exit status 1 when one is
+missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import selfattn  # noqa: F401
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from selfattn.bench import machine
+from selfattn.bench.timing import matmul_peak
+from selfattn.models.gpt import GPT
+from selfattn.train.data import Batches, CharTokenizer, encode_splits, read_corpus
+from selfattn.train.loop import make_optimizer, sample
+from selfattn.train.presets import PRESETS
+from selfattn.train.schedule import learning_rate
+
+TARGET_RATIO = 1.10  # selfattn's time per iteration / plain's
+TARGET_VAL_LOSS = 1.90  # selfattn's final validation loss
+FIRST_LOSS_TOLERANCE = 1e-4  # the two models' first loss, same weights and batch
+
+
+# ------------------------------------------------------------------------------ the plain model
+
+
+class PlainBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln1(x)), then x + mlp(ln2(x)). x (B, T, E) -> (B, T, E)."""
+
+    def __init__(self, emb: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(emb)
+        self.qkv = nn.Linear(emb, 3 * emb, bias=False)
+        self.proj = nn.Linear(emb, emb)
+        self.ln2 = nn.LayerNorm(emb)
+        self.fc = nn.Linear(emb, 4 * emb)
+        self.out = nn.Linear(4 * emb, emb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, E = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(E, dim=-1)  # (B, T, E) each
+        q, k, v = (t.view(B, T, self.heads, E // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, E))
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    """idx (B, T) -> logits (B, T, V): token + position embeddings, blocks, LayerNorm, head."""
+
+    def __init__(self, vocab: int, context: int, emb: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, emb)
+        self.pos = nn.Embedding(context, emb)
+        self.blocks = nn.ModuleList([PlainBlock(emb, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(emb)
+        self.head = nn.Linear(emb, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    @torch.no_grad()
+    def load_from(self, gpt: GPT) -> None:
+        """Copy selfattn GPT's weights (the same maths, other names; q, k, v fused)."""
+        self.tok.weight.copy_(gpt.tok_emb.weight)
+        self.pos.weight.copy_(gpt.pos_emb.weight)
+        for mine, theirs in zip(self.blocks, gpt.trf_blocks, strict=True):
+            att = theirs.att
+            mine.qkv.weight.copy_(
+                torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight])
+            )
+            mine.proj.load_state_dict(att.out_proj.state_dict())
+            mine.fc.load_state_dict(theirs.ff.layers[0].state_dict())
+            mine.out.load_state_dict(theirs.ff.layers[2].state_dict())
+            for ln, norm in ((mine.ln1, theirs.norm1), (mine.ln2, theirs.norm2)):
+                ln.weight.copy_(norm.scale)
+                ln.bias.copy_(norm.shift)
+        self.ln_f.weight.copy_(gpt.final_norm.scale)
+        self.ln_f.bias.copy_(gpt.final_norm.shift)
+        self.head.weight.copy_(gpt.out_head.weight)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    batches: Batches
+    optimizer: torch.optim.Optimizer = None
+    iteration: int = 0
+    seconds: float = 0.0
+    chunks: list[float] = field(default_factory=list)  # seconds per iteration, per chunk
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (iter, val loss)
+    first_loss: float | None = None
+
+
+def train_chunk(c: Contender, cfg, n: int) -> None:
+    """``n`` training steps of ``c``: batch, forward, backward, clip, step (timed)."""
+    c.model.train()
+    start = time.perf_counter()
+    for _ in range(n):
+        lr = learning_rate(
+            c.iteration, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
+            decay_iters=cfg.lr_decay_iters,
+        )  # fmt: skip
+        for group in c.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = c.batches.next_train()  # (B, T) each
+        loss = F.cross_entropy(c.model(x).flatten(0, 1), y.flatten())
+        c.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(c.model.parameters(), cfg.grad_clip)
+        c.optimizer.step()
+        if c.first_loss is None:
+            c.first_loss = loss.item()
+        c.iteration += 1
+    elapsed = time.perf_counter() - start
+    c.seconds += elapsed
+    c.chunks.append(elapsed / n)
+
+
+@torch.no_grad()
+def val_loss(c: Contender, iters: int, seed: int) -> float:
+    c.model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(iters):
+        x, y = c.batches.eval_batch("val", generator)
+        total += F.cross_entropy(c.model(x).flatten(0, 1), y.flatten()).item()
+    c.model.train()
+    return total / iters
+
+
+def flops_per_iteration(model: GPT, cfg) -> float:
+    """nanoGPT's estimate: 6·N per token (N without the embeddings) + 12·n_layers·T·E."""
+    n = sum(p.numel() for p in model.parameters())
+    n -= model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    per_token = 6 * n + 12 * cfg.n_layers * cfg.block_size * cfg.emb_dim
+    return per_token * cfg.batch_size * cfg.block_size
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a smoke test: 40 iterations, no targets")
+    p.add_argument("--iters", type=int, default=None, help="default: the preset's 2000")
+    p.add_argument("--chunk", type=int, default=50, help="iterations per round-robin turn")
+    p.add_argument("--final-eval-iters", type=int, default=200, help="batches of the final loss")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", type=Path, default=None, help="write the report here too")
+    p.add_argument("--png", type=Path, default=None, help="draw both loss curves (matplotlib)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = PRESETS["shakespeare-char"].config.replace(seed=args.seed)
+    if args.quick:
+        cfg = cfg.replace(iters=40, eval_every=20, eval_iters=2, warmup_iters=5)
+        args.chunk, args.final_eval_iters = 10, 4
+    if args.iters:
+        cfg = cfg.replace(iters=args.iters)
+    corpus = read_corpus(None)
+    tokenizer = CharTokenizer.from_text(corpus.text)
+    splits = encode_splits(corpus, tokenizer, cfg.block_size)
+
+    def batches() -> Batches:
+        return Batches(splits, cfg.batch_size, cfg.block_size, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(cfg.model_config(tokenizer.vocab_size))
+    plain = PlainGPT(
+        tokenizer.vocab_size, cfg.block_size, cfg.emb_dim, cfg.n_heads, cfg.n_layers
+    )  # fmt: skip
+    plain.load_from(gpt)
+    contenders = [Contender("selfattn", gpt, batches()), Contender("plain", plain, batches())]
+    for c in contenders:
+        c.optimizer = make_optimizer(c.model, cfg)[0]
+
+    check = check_first_step(contenders, cfg)
+    peak = matmul_peak(torch.float32, "cpu")["gflops"]
+    started = time.perf_counter()
+    while contenders[0].iteration < cfg.iters:
+        n = min(args.chunk, cfg.iters - contenders[0].iteration)
+        for c in contenders:
+            train_chunk(c, cfg, n)
+        it = contenders[0].iteration
+        if it % cfg.eval_every == 0 or it == cfg.iters:
+            iters = args.final_eval_iters if it == cfg.iters else cfg.eval_iters
+            for c in contenders:
+                c.losses.append((it, val_loss(c, iters, cfg.seed + it)))
+    wall = time.perf_counter() - started
+    peak = max(peak, matmul_peak(torch.float32, "cpu")["gflops"])  # the best of before and after
+    text = report(args, cfg, contenders, check, peak, wall, flops_per_iteration(gpt, cfg))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    text += "\nA sample of the trained selfattn model (temperature 1):\n\n"
+    text += sample(gpt, tokenizer, 60 if args.quick else 300, generator) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    if args.png:
+        draw(args.png, contenders)
+    return 0 if args.quick or "MISSED" not in text else 1
+
+
+def check_first_step(contenders: list[Contender], cfg) -> str:
+    """Same weights, same batch: the two forward passes must give the same loss."""
+    losses = []
+    for c in contenders:
+        x, y = Batches(c.batches.splits, cfg.batch_size, cfg.block_size, cfg.seed).next_train()
+        with torch.no_grad():
+            losses.append(F.cross_entropy(c.model(x).flatten(0, 1), y.flatten()).item())
+    gap = abs(losses[0] - losses[1])
+    if gap > FIRST_LOSS_TOLERANCE:
+        raise SystemExit(f"the contenders disagree before training: losses {losses}")
+    return f"first batch, same weights: losses {losses[0]:.6f} / {losses[1]:.6f} (|gap| {gap:.1e})"
+
+
+def report(args, cfg, contenders, check, peak, wall, flops) -> str:
+    tokens = cfg.batch_size * cfg.block_size
+    rows = []
+    for c in contenders:
+        per_iter = c.seconds / c.iteration
+        gflops = flops / per_iter / 1e9
+        rows.append(
+            f"{c.name:<9} {per_iter * 1e3:9.2f} {tokens / per_iter:11,.0f} {gflops:9.2f} "
+            f"{100 * gflops / peak:7.1f}% {c.losses[-1][1]:9.4f} {c.seconds:8.1f}"
+        )
+    ratio = contenders[0].seconds / contenders[1].seconds
+    chunk_ratios = sorted(
+        a / b for a, b in zip(contenders[0].chunks, contenders[1].chunks, strict=True)
+    )
+    median_ratio = chunk_ratios[len(chunk_ratios) // 2]
+    final = contenders[0].losses[-1][1]
+    lines = [
+        "selfattn train benchmark: shakespeare-char, selfattn's GPT vs a plain-PyTorch GPT",
+        f"machine: {machine.summary()}",
+        f"fp32 matmul peak: {peak:.1f} GFLOP/s; wall time {wall:.1f} s (both, with evaluations)",
+        f"recipe: {cfg.n_layers} layers, {cfg.n_heads} heads, emb {cfg.emb_dim}, context "
+        f"{cfg.block_size}, batch {cfg.batch_size}, {cfg.iters} iterations, lr {cfg.lr:g} -> "
+        f"{cfg.min_lr:g}, round-robin chunks of {args.chunk}",
+        f"check: {check}",
+        f"FLOPs per iteration: {flops / 1e9:.3f} GFLOP (6·N + 12·n_layers·T·E per token)",
+        "",
+        "contender  ms/iter    tokens/s  GFLOP/s  % peak  val loss  train s",
+        *rows,
+        "",
+        f"time per iteration, selfattn / plain: {ratio:.3f} (median over chunks "
+        f"{median_ratio:.3f})",
+    ]
+    if args.quick or cfg.iters != PRESETS["shakespeare-char"].config.iters:
+        lines.append("targets not judged: not the full recipe")
+    else:
+        ok_ratio = "ok" if ratio <= TARGET_RATIO else "MISSED"
+        ok_loss = "ok" if final <= TARGET_VAL_LOSS else "MISSED"
+        lines += [
+            f"target: ratio <= {TARGET_RATIO:.2f}: {ok_ratio}",
+            f"target: selfattn final validation loss <= {TARGET_VAL_LOSS:.2f} "
+            f"({args.final_eval_iters} batches): {final:.4f} {ok_loss}",
+        ]
+    lines += ["", "validation loss   iter  selfattn     plain"]
+    for (it, a), (_, b) in zip(contenders[0].losses, contenders[1].losses, strict=True):
+        lines.append(f"{'':17} {it:5d} {a:9.4f} {b:9.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def draw(path: Path, contenders: list[Contender]) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.8), dpi=110)
+    ax = fig.add_subplot()
+    for c in contenders:
+        ax.plot(*zip(*c.losses, strict=True), "o-", ms=3, label=c.name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation loss")
+    ax.set_title("shakespeare-char: selfattn GPT vs plain PyTorch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
