@@ -227,6 +227,15 @@ def encode_splits(corpus: Corpus, tokenizer: Tokenizer, block_size: int) -> Toke
     return TokenSplits(**parts)
 
 
+def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """This process's rows of a global batch drawn whole by every process from one seeded
+    generator: equal shares, in rank order (a ValueError when the batch does not split)."""
+    if batch_size % world_size != 0:
+        raise ValueError(f"batch size {batch_size} must be divisible by the {world_size} processes")
+    share = batch_size // world_size
+    return slice(rank * share, (rank + 1) * share)
+
+
 class Batches:
     """Random windows from the token ids, drawn from one seeded generator (nanoGPT's get_batch).
 
@@ -250,14 +259,10 @@ class Batches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size % world_size != 0:
-            raise ValueError(
-                f"batch size {batch_size} must be divisible by the {world_size} processes"
-            )
         self.splits = splits
         self.batch_size, self.block_size = batch_size, block_size
         self.device = device
-        self.rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.rows = rank_rows(batch_size, rank, world_size)
         self.generator = torch.Generator().manual_seed(seed)
         # every window of T + 1 tokens, as a view: (N - T, T + 1)
         self._windows = {

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from selfattn.recording import recording
-from selfattn.train.data import CharTokenizer
+from selfattn.train.data import CharTokenizer, rank_rows
 
 SEGMENT_LENGTHS = (8, 32)  # the shortest and longest segment, both included
 ALPHABET = (
@@ -81,13 +81,9 @@ class InductionBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size % world_size != 0:
-            raise ValueError(
-                f"batch size {batch_size} must be divisible by the {world_size} processes"
-            )
         self.vocab_size, self.batch_size, self.block_size = vocab_size, batch_size, block_size
         self.device = device
-        self.rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.rows = rank_rows(batch_size, rank, world_size)
         self.generator = torch.Generator().manual_seed(seed)
 
     def _draw(self, generator: torch.Generator, batch: int) -> tuple[Tensor, Tensor]:
