@@ -80,6 +80,9 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     try:
         with StopRequest() as stop:
             result = train(run, hooks=hooks, stop=stop, dist=dist, reporter=reporter)
+        # Every process is done with its collectives before any leaves the group: a process
+        # that tore gloo down while its peer still worked aborted ("terminate called ...").
+        dist.barrier()
     except RuntimeError as err:
         if dist.is_parallel and not isinstance(err, PeerFailure) and _is_collective_error(err):
             raise dist.failure(err) from err

@@ -25,6 +25,7 @@ peer died or hangs gets an error (`PeerFailure`) instead of waiting forever.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -121,7 +122,13 @@ class Distributed:
 
     def close(self) -> None:
         if self.is_parallel and tdist.is_initialized():
+            # A DistributedDataParallel wrapper keeps the process group (and gloo's worker
+            # threads) alive after destroy_process_group: freed only at interpreter exit, its
+            # threads then aborted the process ("terminate called without an active
+            # exception"). Free every unreachable wrapper first, while Python is whole.
+            gc.collect()
             tdist.destroy_process_group()
+            gc.collect()
 
 
 SINGLE = Distributed()
