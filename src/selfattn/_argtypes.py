@@ -24,6 +24,32 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    return _float_where(text, lambda x: x >= 0, "a number >= 0")
+
+
+def probability(text: str) -> float:
+    """A probability such as a dropout rate: 0 <= P < 1."""
+    return _float_where(text, lambda x: 0 <= x < 1, "a number 0 <= P < 1")
+
+
+def int_in_range(text: str, low: int, high: int) -> int:
+    value = _int_at_least(text, low, f"an integer {low}..{high}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"expected an integer {low}..{high}, got {value}")
+    return value
+
+
+def _float_where(text: str, ok, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)

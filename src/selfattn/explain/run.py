@@ -7,13 +7,12 @@ does not apply to the run asked for is a ValueError naming the reason (exit 2), 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from selfattn._argtypes import check_writable
+from selfattn._argtypes import check_writable, int_in_range
 from selfattn.explain import explain_traces
 from selfattn.explain.jsonout import to_json
 from selfattn.explain.terminal import MAX_PRECISION, make_console, render_walkthrough
@@ -49,24 +48,7 @@ class ExplainRequest:
 
 def precision(text: str) -> int:
     """``--precision``: decimals shown, 0..8."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer 0..8, got {text!r}") from None
-    if not 0 <= value <= MAX_PRECISION:
-        raise argparse.ArgumentTypeError(f"expected an integer 0..{MAX_PRECISION}, got {value}")
-    return value
-
-
-def dropout_rate(text: str) -> float:
-    """``--dropout``: a probability 0 <= P < 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number 0 <= P < 1, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number 0 <= P < 1, got {text!r}")
-    return value
+    return int_in_range(text, 0, MAX_PRECISION)
 
 
 def check_options(req: ExplainRequest) -> None:

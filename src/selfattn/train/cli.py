@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from selfattn._argtypes import non_negative_int, positive_float, positive_int, seed
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
+from selfattn._argtypes import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed,
+)
 
 # (flag, TrainConfig field, argparse type, help); each is an override, absent unless given
 _FIELDS = [
@@ -41,9 +27,9 @@ _FIELDS = [
     ("--n-heads", "n_heads", positive_int, "attention heads per block"),
     ("--n-kv-heads", "n_kv_heads", positive_int, "key/value heads (grouped-query attention)"),
     ("--emb-dim", "emb_dim", positive_int, "embedding width"),
-    ("--dropout", "dropout", _probability, "dropout rate"),
+    ("--dropout", "dropout", probability, "dropout rate"),
     ("--lr", "lr", positive_float, "peak learning rate"),
-    ("--min-lr", "min_lr", _non_negative_float, "learning rate at the end of the decay"),
+    ("--min-lr", "min_lr", non_negative_float, "learning rate at the end of the decay"),
     ("--warmup-iters", "warmup_iters", non_negative_int, "linear warm-up iterations"),
     (
         "--decay-iters",
@@ -51,10 +37,10 @@ _FIELDS = [
         positive_int,
         "where the cosine decay ends (default: --iters)",
     ),
-    ("--beta1", "beta1", _probability, "AdamW beta1"),
-    ("--beta2", "beta2", _probability, "AdamW beta2"),
-    ("--weight-decay", "weight_decay", _non_negative_float, "AdamW weight decay"),
-    ("--grad-clip", "grad_clip", _non_negative_float, "max gradient norm (0: off)"),
+    ("--beta1", "beta1", probability, "AdamW beta1"),
+    ("--beta2", "beta2", probability, "AdamW beta2"),
+    ("--weight-decay", "weight_decay", non_negative_float, "AdamW weight decay"),
+    ("--grad-clip", "grad_clip", non_negative_float, "max gradient norm (0: off)"),
     ("--eval-every", "eval_every", positive_int, "evaluate and checkpoint every N iterations"),
     ("--eval-iters", "eval_iters", positive_int, "batches per split for each loss estimate"),
     ("--sample-tokens", "sample_tokens", non_negative_int, "tokens of each sample in samples.txt"),
@@ -85,7 +71,7 @@ def add_train_parsers(subparsers) -> None:
     add = tr.add_argument
     add("--preset", choices=list(PRESETS), help="starting settings (default: shakespeare-char)")
     for flag, name, kind, text in _FIELDS:
-        metavar = {str: "PATH", positive_float: "X", _probability: "X", _non_negative_float: "X"}
+        metavar = {str: "PATH", positive_float: "X", probability: "X", non_negative_float: "X"}
         add(flag, dest=name, type=kind, metavar=metavar.get(kind, "N"), default=argparse.SUPPRESS,
             help=text)  # fmt: skip
     add("--tokenizer", choices=("char", "bpe"), default=argparse.SUPPRESS, help="default: char")
@@ -109,7 +95,7 @@ def add_train_parsers(subparsers) -> None:
     add("--checkpoint", metavar="DIR", required=True, help="a folder written by selfattn train")
     add("--prompt", default="\n", help="text to continue (default: a newline)")
     add("--max-new-tokens", type=non_negative_int, default=200, help="default: 200")
-    add("--temperature", type=_non_negative_float, default=1.0, help="0: greedy (default: 1)")
+    add("--temperature", type=non_negative_float, default=1.0, help="0: greedy (default: 1)")
     add("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens")
     add("--seed", type=seed, default=None, help="seed of the sampling (default: random)")
     add("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
