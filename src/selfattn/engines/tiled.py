@@ -438,35 +438,17 @@ def _forward(prob: _Problem, q, k, v, bq: int, bk: int) -> tuple[Tensor, Tensor]
         l = q.new_zeros(n, rows)  # running sum of exp2(s - ref)
         acc = q.new_zeros(n, rows, ev)  # running unnormalised output, relative to ref
         settled = False  # every row has seen a key: the fast step may keep ref as it is
-        for qk_tile in visits:
-            ki, ks, ke, full = qk_tile
+        for ki, ks, ke, full in visits:
             tile = (prob, qx, kx[:, ks:ke], qs, qe, ks, ke, full, scratch)
             s = _score_tile(*tile)  # (N, R, bk): base-2 scores (- ref when folded), -inf masked
             if settled:
-                p = s.exp2_()  # (N, R, bk), in place over s
-                row_sum = p.sum(dim=-1)  # (N, R)
-                if bool(row_sum.max() < _FAST_LIMIT):  # False on inf or NaN too
-                    l.add_(row_sum)
-                    acc.baddbmm_(_dropout(prob, p, qi, ki), v[:, ks:ke])  # (N,R,bk) x (N,bk,Ev)
+                if _fast_step(prob, s, l, acc, v[:, ks:ke], qi, ki):
                     continue
-                s = _score_tile(*tile)  # a score far above ref: redo this tile exactly
-            # The exact step: ref rises to the tile's max where that is higher (a row that saw
-            # no key yet jumps to it); nothing visible (-inf), inf or NaN leave ref alone.
-            tile_max = s.amax(dim=-1)  # (N, R)
-            seen = l > 0
-            if folded:  # s and tile_max are relative to ref
-                rise = torch.where(seen, tile_max.clamp(min=0.0), tile_max)
-                rise = rise.masked_fill(~rise.isfinite(), 0.0)  # (N, R)
-                alpha = torch.exp2(-rise)  # rescales what was accumulated so far
-                ref.add_(rise)
-                qx[..., e].sub_(rise)  # the column holds -ref: later tiles come shifted
-            else:  # s is absolute: subtract the new ref itself, never ref + a difference
-                new_ref = torch.where(seen, torch.maximum(ref, tile_max), tile_max)
-                new_ref = torch.where(new_ref.isfinite(), new_ref, ref)  # (N, R)
-                alpha = torch.exp2(ref - new_ref)
-                rise, ref = new_ref, new_ref
-            alpha = alpha.masked_fill(~seen, 0.0)  # nothing accumulated: never inf * 0
-            p = s.sub_(rise.unsqueeze(-1)).exp2_()  # (N, R, bk), in place over s
+                s = _score_tile(*tile)  # a score far above ref (s was spent): redo it exactly
+            shift, alpha, ref = _exact_reference(s, ref, l > 0, folded)  # (N, R) each
+            if folded:
+                qx[..., e].sub_(shift)  # the column holds -ref: later tiles come shifted
+            p = s.sub_(shift.unsqueeze(-1)).exp2_()  # (N, R, bk), in place over s
             l.mul_(alpha).add_(p.sum(dim=-1))
             acc.mul_(alpha.unsqueeze(-1)).baddbmm_(_dropout(prob, p, qi, ki), v[:, ks:ke])
             settled = folded and bool((l > 0).all())
@@ -475,6 +457,42 @@ def _forward(prob: _Problem, q, k, v, bq: int, bk: int) -> tuple[Tensor, Tensor]
         out[:, :, qs:qe] = out_blk.view(n, g, qe - qs, ev)
         lse[:, :, qs:qe] = ((ref + l.log2()) * LN2).view(n, g, qe - qs)  # natural log again
     return out_bhle, lse_bhl
+
+
+def _fast_step(prob: _Problem, s: Tensor, l: Tensor, acc: Tensor, v_blk: Tensor, qi, ki) -> bool:
+    """Accumulate tile ``s`` (N, R, bk), relative to the rows' reference, as it is: no row max,
+    no rescaling. False (``s`` spent, nothing accumulated) if a weight rose too far above it."""
+    p = s.exp2_()  # (N, R, bk), in place over s
+    row_sum = p.sum(dim=-1)  # (N, R)
+    if not bool(row_sum.max() < _FAST_LIMIT):  # also on inf or NaN
+        return False
+    l.add_(row_sum)
+    acc.baddbmm_(_dropout(prob, p, qi, ki), v_blk)  # += (N, R, bk) x (N, bk, Ev)
+    return True
+
+
+def _exact_reference(
+    s: Tensor, ref: Tensor, seen: Tensor, folded: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention's exact step for tile ``s`` (N, R, bk): the reference rises to the tile's
+    max where that is higher (a row that saw no key yet jumps to it; nothing visible, inf or NaN
+    leave it alone). Returns (what to subtract from s, the factor that rescales what was
+    accumulated, the new reference), each (N, R).
+
+    ``folded``: s is already relative to ref, and the shift is the rise. Otherwise s is absolute
+    and the shift is the new reference itself (never ref + a difference, which a -1e9 mask
+    offset in ref would round away).
+    """
+    tile_max = s.amax(dim=-1)  # (N, R)
+    if folded:
+        rise = torch.where(seen, tile_max.clamp(min=0.0), tile_max)
+        rise = rise.masked_fill(~rise.isfinite(), 0.0)
+        shift, alpha, new_ref = rise, torch.exp2(-rise), ref + rise
+    else:
+        new_ref = torch.where(seen, torch.maximum(ref, tile_max), tile_max)
+        new_ref = torch.where(new_ref.isfinite(), new_ref, ref)
+        shift, alpha = new_ref, torch.exp2(ref - new_ref)
+    return shift, alpha.masked_fill(~seen, 0.0), new_ref  # alpha 0: never inf * 0
 
 
 # The fast step keeps a tile whose exp2 row sums stay below this: each weight is then at most
