@@ -161,7 +161,9 @@ class _TiledAttention(torch.autograd.Function):
         # O is kept in the compute dtype (the same tensor for fp32/fp64): D = rowsum(dO * O) from
         # a bf16-rounded O would not cancel dP exactly, which shows in dK at short Lk.
         ctx.save_for_backward(q, k, v, out_c, lse, attn_mask)
-        ctx.args = (mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk)
+        # The resolved problem, reused by backward: no second pass over the mask for its shift.
+        # It holds views of the inputs and the (detached) row shift, never the outputs.
+        ctx.prob, ctx.blocks = prob, (mask_grad, bq, bk)
         ctx.set_materialize_grads(False)
         if prob.mask_shift is not None:  # the float mask's row shift, back into the user's lse
             shift = prob.mask_shift.squeeze(-1).expand(prob.b, prob.hkv, prob.g, prob.lq)
@@ -177,10 +179,7 @@ class _TiledAttention(torch.autograd.Function):
                 "use backend='naive' or 'sdpa' for higher-order gradients"
             )
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
-        mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk = ctx.args
-        prob = _Problem.build(
-            q, k, v, attn_mask, mask_grad, is_causal, window, scale, dropout_p, seed, bq, bk
-        )
+        prob, (mask_grad, bq, bk) = ctx.prob, ctx.blocks
         if dout is None:
             dout = torch.zeros(prob.out_shape, dtype=q.dtype, device=q.device)
         qb, kb, vb = _to_blocks(prob, q, k, v)
