@@ -31,7 +31,7 @@ time timeout 100 "$py" -m selfattn bench --device cuda --preset book \
     --contenders "$contenders,torch-mha-weights,wrapper-naive" --baseline sdpa-flash --quiet \
     --json "$out/gpu_book.json" --plot "$out/gpu_book.png"
 
-# Ring attention on NCCL (selfattn.distributed): two ranks, one GPU each, against one GPU.
+# Ring attention on NCCL (selfattn.ring): two ranks, one GPU each, against one GPU.
 ngpu=$("$py" -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then
     time timeout 180 "$py" -m torch.distributed.run --standalone --nproc-per-node 2 \

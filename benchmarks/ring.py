@@ -4,7 +4,7 @@
     python benchmarks/ring.py --quick                        # every length / 16: a smoke run
 
 fp32, B=1, E=64, H=1, causal, forward and backward, on the CPU; ranks are local processes in a
-gloo group on loopback (`selfattn.distributed.run_local`), each measured in a fresh process.
+gloo group on loopback (`selfattn.ring.run_local`), each measured in a fresh process.
 
 1. peak memory per rank, its input shards included (the high-water mark of the resident size,
    reset before the inputs are made, minus the resident size then), at L=65,536: the
@@ -44,8 +44,9 @@ import torch.distributed as dist
 from selfattn.bench import machine
 from selfattn.bench.checks import row_errors
 from selfattn.bench.memory import peak_bytes
-from selfattn.distributed import ring, run_local, shard_positions, shard_sequence
 from selfattn.engines.tiled import tiled_attention
+from selfattn.ring import attention as ring
+from selfattn.ring import run_local, shard_positions, shard_sequence
 
 E = 64
 CORES = 2  # the single process gets as many threads as the ring has ranks of one thread

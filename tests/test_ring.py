@@ -1,4 +1,4 @@
-"""Ring attention (selfattn.distributed) against single-process attention.
+"""Ring attention (selfattn.ring) against single-process attention.
 
 In-process: the layouts (shards, positions, which pieces of a block a rank computes, checked
 against the causal rule on positions), the block decomposition the ring rests on (tiled forward
@@ -22,7 +22,8 @@ import torch.distributed as dist
 from tolerances import SAME_ROUTE_F32, assert_close
 
 import selfattn
-from selfattn.distributed import (
+from selfattn.engines.tiled import tiled_backward, tiled_forward
+from selfattn.ring import (
     LocalRunError,
     ring_attention,
     run_local,
@@ -30,8 +31,7 @@ from selfattn.distributed import (
     shard_sequence,
     unshard_sequence,
 )
-from selfattn.distributed.layouts import visible_pieces
-from selfattn.engines.tiled import tiled_backward, tiled_forward
+from selfattn.ring.layouts import visible_pieces
 
 LAYOUTS = ("zigzag", "contiguous")
 

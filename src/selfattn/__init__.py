@@ -1,6 +1,5 @@
 """selfattn: scaled dot-product self-attention you can read, see and ship."""
 
-from selfattn.book import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
 from selfattn.engines import available as available_backends
 from selfattn.functional import (
     attention,
@@ -9,7 +8,12 @@ from selfattn.functional import (
     merge_partials,
 )
 from selfattn.masks import causal_mask, key_padding_mask, sliding_window_mask
-from selfattn.seed import SelfAttention_v1, SelfAttention_v2
+from selfattn.modules.causal_multihead import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+)
+from selfattn.modules.self_attention import SelfAttention_v1, SelfAttention_v2
 from selfattn.trace import Trace, trace, trace_all
 
 __all__ = [

@@ -1,8 +1,8 @@
 """Attention modules built by name: ``simple``, ``v1``, ``v2``, ``causal``, ``wrapper``, ``mha``.
 
-One registry, read by `selfattn explain` (``--module``) and by `selfattn.text.trace_text`; an
-unknown name is a ValueError that lists the valid ones. Each kind keeps the founding chapter's
-seed, so a walkthrough reproduces the chapter's numbers.
+One registry, read by `selfattn explain` (``--module``) and by
+`selfattn.minilm_trace.trace_text`; an unknown name is a ValueError that lists the valid ones.
+Each kind keeps the founding chapter's seed, so a walkthrough reproduces the chapter's numbers.
 
 Every module maps (L, d_in) -> (L, d_out); the multi-head kinds split d_out over their heads.
 ``simple`` has no weights at all: it maps (L, d_in) -> (L, d_in).
@@ -17,10 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from selfattn._checks import merge_heads, positive_int, split_heads, token_input
-from selfattn.book import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
 from selfattn.functional import attention
+from selfattn.modules.causal_multihead import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+)
+from selfattn.modules.self_attention import SelfAttention_v1, SelfAttention_v2
 from selfattn.recording import record
-from selfattn.seed import SelfAttention_v1, SelfAttention_v2
 
 CONTEXT_LENGTH = 1024  # the causal modules' mask size: longer than any input explained
 

@@ -179,7 +179,7 @@ class ProjectedKernel(nn.Module):
 
 def _selfattn_mha(engine: str) -> Callable[[Case, Weights, str], Built]:
     def build(case: Case, w: Weights, device: str) -> Built:
-        from selfattn.book import MultiHeadAttention
+        from selfattn.modules.causal_multihead import MultiHeadAttention
 
         d = case.d_model
         m = MultiHeadAttention(
@@ -205,7 +205,7 @@ for _engine, _summary in (
 
 
 def _wrapper(case: Case, w: Weights, device: str) -> Built:
-    from selfattn.book import MultiHeadAttentionWrapper
+    from selfattn.modules.causal_multihead import MultiHeadAttentionWrapper
 
     e = case.head_dim
     m = MultiHeadAttentionWrapper(case.d_model, e, case.length, 0.0, case.heads, backend="naive")

@@ -43,7 +43,7 @@ class _Stack:
         mask = torch.triu(torch.ones(context, context, dtype=torch.bool, device=device), 1)
         for w in weights:
             if decoder.engine is not None:
-                from selfattn.book import MultiHeadAttention
+                from selfattn.modules.causal_multihead import MultiHeadAttention
 
                 m = MultiHeadAttention(d, d, context, 0.0, h, backend=decoder.engine)
                 linears = (m.W_query, m.W_key, m.W_value)

@@ -1,7 +1,7 @@
 """`selfattn explain`: build a module, trace it on some tokens, and render the trace.
 
 The renderers (terminal walkthrough, JSON, and, with extras, PNG and HTML) all read one
-`selfattn.Trace`; this package only decides what to trace. It reads `selfattn.text` (real
+`selfattn.Trace`; this package only decides what to trace. It reads `selfattn.minilm_trace` (real
 text, a pretrained model) and `selfattn.module_kinds` (modules by name); neither reads it.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from selfattn.explain.chapter import add_chapter_steps
+from selfattn.minilm_trace import trace_minilm, trace_text
 from selfattn.module_kinds import MODULE_KINDS, ModuleKind, build_module
-from selfattn.text import trace_minilm, trace_text
 from selfattn.trace import Trace, trace
 
 __all__ = [

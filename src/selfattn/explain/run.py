@@ -16,7 +16,7 @@ from selfattn._argtypes import check_writable, int_in_range
 from selfattn.explain import explain_traces
 from selfattn.explain.jsonout import to_json
 from selfattn.explain.terminal import MAX_PRECISION, make_console, render_walkthrough
-from selfattn.text import check_head, check_layer
+from selfattn.minilm_trace import check_head, check_layer
 
 MULTI_HEAD_KINDS = ("wrapper", "mha")
 DEFAULT_HEADS = 2
@@ -199,8 +199,8 @@ def _checkpoint_traces(req: ExplainRequest) -> list:
 
 def _check_text_length(text: str) -> None:
     """``--text`` longer than the model's limit, in the command's own words."""
+    from selfattn.minilm_trace import MAX_TOKENS
     from selfattn.models.minilm import MODEL_NAME, load_tokenizer
-    from selfattn.text import MAX_TOKENS
 
     if not text.strip():
         return  # tokenize refuses it with its own message

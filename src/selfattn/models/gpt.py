@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfattn._checks import check_window, positive_int, probability
-from selfattn.book import MultiHeadAttention
+from selfattn.modules.causal_multihead import MultiHeadAttention
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from selfattn._extras import require
-from selfattn.book import MultiHeadAttention
+from selfattn.modules.causal_multihead import MultiHeadAttention
 from selfattn.trace import Trace, trace
 
 MODEL_NAME = "all-MiniLM-L6-v2"

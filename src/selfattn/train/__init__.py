@@ -6,7 +6,7 @@ presets.py      shakespeare-char, induction, tiny
 schedule.py     the learning rate: warm-up, cosine decay (a pure function)
 loop.py         train(run): the loop, evaluation, hooks, stop on Ctrl-C / SIGTERM
 checkpoint.py   safetensors weights and training state, atomic and checksummed; load_run
-ddp.py          data parallel (torchrun): which process writes, which rows each trains on
+data_parallel.py  data parallel (torchrun): which process writes, which rows each trains on
 induction.py    the induction-head task: repeated random segments, accuracy and head scores
 progress.py     the rich progress bar, or plain lines
 command.py      `selfattn train` / `selfattn generate`: request -> run

@@ -27,7 +27,7 @@ from selfattn.train.data import (
     read_corpus,
     saved_tokenizer,
 )
-from selfattn.train.ddp import Distributed, PeerFailure
+from selfattn.train.data_parallel import DataParallel, PeerFailure
 from selfattn.train.induction import InductionBatches, induction_metrics, induction_tokenizer
 from selfattn.train.loop import (
     LOSS_PNG,
@@ -57,7 +57,7 @@ class TrainRequest:
 
 
 def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
-    dist = Distributed.from_env(_device(req))
+    dist = DataParallel.from_env(_device(req))
     try:
         run = resume_run(req, dist) if req.resume else new_run(req, dist)
         dist.barrier()  # rank 0 has prepared the folder
@@ -131,7 +131,7 @@ def _is_collective_error(err: RuntimeError) -> bool:
 # --- a new run ----------------------------------------------------------------------------------
 
 
-def new_run(req: TrainRequest, dist: Distributed) -> Run:
+def new_run(req: TrainRequest, dist: DataParallel) -> Run:
     preset = req.preset or DEFAULT_PRESET
     cfg = PRESETS[preset].config.replace(**req.overrides)
     out = Path(req.out if req.out is not None else f"runs/{preset}")
@@ -188,13 +188,13 @@ def _check_device(device: str) -> None:
         raise ValueError("--device cuda: no CUDA device is available here")
 
 
-def _batches(cfg: TrainConfig, splits, dist: Distributed) -> Batches:
+def _batches(cfg: TrainConfig, splits, dist: DataParallel) -> Batches:
     return Batches(
         splits, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank, dist.world_size
     )
 
 
-def _induction_batches(cfg: TrainConfig, tokenizer, dist: Distributed) -> InductionBatches:
+def _induction_batches(cfg: TrainConfig, tokenizer, dist: DataParallel) -> InductionBatches:
     return InductionBatches(
         tokenizer.vocab_size, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank,
         dist.world_size,
@@ -204,7 +204,7 @@ def _induction_batches(cfg: TrainConfig, tokenizer, dist: Distributed) -> Induct
 # --- a resumed run ------------------------------------------------------------------------------
 
 
-def resume_run(req: TrainRequest, dist: Distributed) -> Run:
+def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
     out = Path(req.resume)
     if req.out is not None and Path(req.out).resolve() != out.resolve():
         raise ValueError(

@@ -18,7 +18,7 @@ run stopped and resumed draws exactly the batches of a run that was never stoppe
 
 Extension points: ``hooks.on_eval`` functions get an `EvalContext` and return extra metrics
 (say, an induction score per head); ``hooks.on_step`` functions see every record; ``dist`` (a
-`Distributed`) decides which process writes and which slice of the batch each one trains on;
+`DataParallel`) decides which process writes and which slice of the batch each one trains on;
 ``run.batches`` may be any object with `Batches`' four methods.
 """
 
@@ -40,7 +40,7 @@ from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import TrainConfig
 from selfattn.train.data import Batches, Tokenizer
-from selfattn.train.ddp import SINGLE, Distributed
+from selfattn.train.data_parallel import SINGLE, DataParallel
 from selfattn.train.plot import have_matplotlib, plot_losses, plot_scores
 from selfattn.train.progress import Reporter, Silent
 from selfattn.train.schedule import learning_rate
@@ -145,7 +145,7 @@ def train(
     *,
     hooks: Hooks | None = None,
     stop: StopRequest | None = None,
-    dist: Distributed = SINGLE,
+    dist: DataParallel = SINGLE,
     reporter: Reporter | None = None,
 ) -> Result:
     cfg, model, batches = run.config, run.model, run.batches
@@ -227,14 +227,14 @@ def _report_evaluation(run: Run, records: list[dict], reporter: Reporter, plot: 
             plot_scores(run.out / SCORES_PNG, records, f"{run.title}: {run.out.name}")
 
 
-def save(run: Run, optimizer, names: list[str], it: int, dist: Distributed) -> None:
+def save(run: Run, optimizer, names: list[str], it: int, dist: DataParallel) -> None:
     if dist.is_main:
         state = checkpoint.capture(run.model, optimizer, names, run.batches.state(), it)
         checkpoint.save_checkpoint(run.out, state, run.model)
 
 
 @torch.no_grad()
-def evaluate(run: Run, it: int, hooks: Hooks, dist: Distributed, autocast) -> dict:
+def evaluate(run: Run, it: int, hooks: Hooks, dist: DataParallel, autocast) -> dict:
     """Mean loss over ``eval_iters`` batches of each split, and the hooks' metrics."""
     cfg, model = run.config, run.model
     model.eval()

@@ -10,10 +10,10 @@ from chapter import MultiHeadAttentionWrapper as BookMultiHeadAttentionWrapper
 from tolerances import PRINTED, SAME_ROUTE_F32, assert_close
 from torch import nn
 
-import selfattn.book
+import selfattn.modules.causal_multihead
 from selfattn import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
-from selfattn.book import state_bytes
 from selfattn.explain import example_inputs
+from selfattn.modules.causal_multihead import state_bytes
 
 ENGINES = ["naive", "sdpa", "tiled"]
 
@@ -343,7 +343,7 @@ def test_a_failed_cached_call_leaves_the_cache_as_it_was(engine, failure, monkey
         bad = torch.randn(shape)
         with monkeypatch.context() as patch:
             if failure == "attention_raises":
-                patch.setattr(selfattn.book, "attention", fail_attention)
+                patch.setattr(selfattn.modules.causal_multihead, "attention", fail_attention)
             with pytest.raises(error):
                 mha(bad, use_cache=True, **kwargs)
     after = cache_state(mha)
@@ -365,7 +365,7 @@ def test_a_failed_first_cached_call_allocates_nothing(failure, monkeypatch):
     mha = MultiHeadAttention(8, 8, 12, 0.0, 2).eval()
     x = torch.randn(2, 3, 8)
     if failure == "attention_raises":
-        monkeypatch.setattr(selfattn.book, "attention", fail_attention)
+        monkeypatch.setattr(selfattn.modules.causal_multihead, "attention", fail_attention)
     kwargs = (
         {"padding_mask": torch.ones(2, 2, dtype=torch.bool)}
         if failure != "attention_raises"

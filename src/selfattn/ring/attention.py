@@ -1,6 +1,6 @@
 """Ring attention: exact attention over a sequence split across the P ranks of a process group.
 
-Each rank holds n = L / P tokens of the sequence (a layout, see `selfattn.distributed.layouts`):
+Each rank holds n = L / P tokens of the sequence (a layout, see `selfattn.ring.layouts`):
 its queries, keys and values. The key/value blocks travel around the ring, one step at a time,
 and each rank's queries meet every block once (Liu et al. 2023, Ring Attention with Blockwise
 Transformers, https://arxiv.org/abs/2310.01889)::
@@ -48,15 +48,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selfattn._checks import check_flag, check_qkv, check_scale
-from selfattn.distributed.comm import Pending, RingComm, first_line
-from selfattn.distributed.layouts import (
+from selfattn.engines.tiled import tiled_backward, tiled_forward
+from selfattn.functional import merge_partials
+from selfattn.ring.comm import Pending, RingComm, first_line
+from selfattn.ring.layouts import (
     LAYOUTS,
     check_layout,
     check_local_length,
     visible_pieces,
 )
-from selfattn.engines.tiled import tiled_backward, tiled_forward
-from selfattn.functional import merge_partials
 
 # Message tags (k and v take two each, k's first): a block and its gradients travel at once.
 _KV, _DKV = 0, 2

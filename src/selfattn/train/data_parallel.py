@@ -1,6 +1,6 @@
 """Data parallel training: which process am I, read from torchrun's environment.
 
-(Not to be confused with `selfattn.distributed`, ring attention: one sequence across processes.
+(Not to be confused with `selfattn.ring`, ring attention: one sequence across processes.
 Here each process trains on its own rows of the batch, with the same weights.)
 
     torchrun --standalone --nproc_per_node 2 -m selfattn train --preset shakespeare-char
@@ -42,7 +42,7 @@ class PeerFailure(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Distributed:
+class DataParallel:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -58,7 +58,7 @@ class Distributed:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str = "cpu", timeout_s: float = TIMEOUT_S) -> Distributed:
+    def from_env(cls, device: str = "cpu", timeout_s: float = TIMEOUT_S) -> DataParallel:
         """One process, unless torchrun's WORLD_SIZE says more: then join the process group
         (gloo on CPU, NCCL on CUDA) that RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT name."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -131,4 +131,4 @@ class Distributed:
             gc.collect()
 
 
-SINGLE = Distributed()
+SINGLE = DataParallel()

@@ -7,7 +7,7 @@ loopback interface only), runs ``fn(*args)`` on each and returns every rank's re
 hangs: a rank still running after ``timeout`` seconds is killed, and the process group's own
 ``group_timeout`` makes a rank waiting on a dead or absent peer raise well before that.
 
-    from selfattn.distributed.local import run_local
+    from selfattn.ring.local import run_local
 
     def work(seed):  # module-level, so the children can import it
         ...          # torch.distributed is initialised here: ring_attention(q, k, v)

@@ -10,14 +10,14 @@ Works on gloo (CPU) and NCCL (GPU). ``MultiHeadAttention(..., context_parallel_g
 runs the chapter's module on a sharded sequence.
 """
 
-from selfattn.distributed.layouts import (
+from selfattn.ring.attention import ring_attention
+from selfattn.ring.layouts import (
     LAYOUTS,
     shard_positions,
     shard_sequence,
     unshard_sequence,
 )
-from selfattn.distributed.local import LocalRunError, run_local
-from selfattn.distributed.ring import ring_attention
+from selfattn.ring.local import LocalRunError, run_local
 
 __all__ = [
     "LAYOUTS",

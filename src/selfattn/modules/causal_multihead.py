@@ -35,11 +35,11 @@ from selfattn._checks import (
     split_heads,
     token_input,
 )
-from selfattn.distributed.comm import rank_and_size
-from selfattn.distributed.layouts import check_layout
-from selfattn.distributed.ring import ring_attention
 from selfattn.functional import attention
 from selfattn.recording import one_layer, record
+from selfattn.ring.attention import ring_attention
+from selfattn.ring.comm import rank_and_size
+from selfattn.ring.layouts import check_layout
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -207,10 +207,10 @@ class MultiHeadAttention(_ChapterState):
         window: with causal, each token sees only its ``window`` most recent tokens.
         backend: the engine, "auto" by default.
         context_parallel_group: a ``torch.distributed`` process group of P ranks that share one
-            sequence (context parallelism; ring attention, `selfattn.distributed`). Default
+            sequence (context parallelism; ring attention, `selfattn.ring`). Default
             None: the whole sequence is here. With a group, every rank of it calls forward at
             once with its own shard of the sequence, x (..., L / P, d_in) in
-            ``context_parallel_layout`` order (``selfattn.distributed.shard_sequence(x, rank, P,
+            ``context_parallel_layout`` order (``selfattn.ring.shard_sequence(x, rank, P,
             layout)`` cuts it), and gets its rows of the output, (..., L / P, d_out). The
             projections run locally; attention runs ring-wide, over all L tokens. Backward too
             runs on every rank at once, and leaves on each rank its shard's share of the
