@@ -447,3 +447,27 @@ def test_kv_cache_with_autograd_is_a_clear_error():
     mha = MultiHeadAttention(4, 4, 8, 0.0, 1)
     with pytest.raises(ValueError, match=r"torch.no_grad\(\)"):
         mha(torch.randn(1, 3, 4), use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "first, then",
+    [(torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)],
+    ids=["inference_mode-then-no_grad", "no_grad-then-inference_mode"],
+)
+def test_a_cache_made_in_one_no_grad_mode_continues_in_the_other(first, then):
+    """A cache filled under torch.inference_mode() holds inference tensors, which no in-place
+    write outside inference mode may touch: decoding goes on under torch.no_grad() all the same,
+    with the results of one mode throughout."""
+    torch.manual_seed(6)
+    mha = MultiHeadAttention(16, 16, 24, 0.0, 4, num_kv_heads=2).eval()
+    x = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        expected = mha(x)
+    with first():
+        pieces = [mha(x[:, :8], use_cache=True)]  # a prompt of 8 in the first mode
+    with then():
+        pieces += [mha(x[:, t : t + 1], use_cache=True) for t in range(8, 10)]
+    with first():  # and back
+        pieces += [mha(x[:, t : t + 1], use_cache=True) for t in range(10, 12)]
+    assert mha.cache_len == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, **SAME_ROUTE_F32)

@@ -3,7 +3,7 @@
 import chapter
 import pytest
 import torch
-from tolerances import SAME_MODEL_F32
+from tolerances import SAME_MODEL_F32, assert_close
 from torch import nn
 
 from selfattn.models.gpt import GPT, GPTConfig, load_weights, weights_state_dict
@@ -110,6 +110,66 @@ def test_incremental_forward_with_the_cache_equals_one_full_forward():
         parts += [model(idx[:, t : t + 1], use_cache=True) for t in range(7, 12)]
     model.reset_cache()
     torch.testing.assert_close(torch.cat(parts, dim=1), full, **SAME_MODEL_F32)
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"n_kv_heads": 2}, {"window": 5}], ids=["mha", "gqa", "sliding-window"]
+)
+def test_decoding_from_a_cache_with_a_long_prefix_equals_one_forward_in_float64(changes):
+    """Eight tokens one at a time after a 24-token prefix, each attending to the cached history
+    (with a window of 5, to the 4 latest cached tokens and itself): one full forward's logits."""
+    torch.manual_seed(4)
+    model = small(context_length=32, drop_rate=0.0, **changes).double().eval()
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx)  # (B, 32, V), no cache
+        prefix = model(idx[:, :24], use_cache=True)
+        steps = [model(idx[:, t : t + 1], use_cache=True) for t in range(24, 32)]
+    assert model.cache_len == 32
+    assert_close(prefix, full[:, :24], torch.float64)
+    assert_close(torch.cat(steps, dim=1), full[:, 24:], torch.float64)
+
+
+def test_stream_decodes_from_the_cache_then_refeeds_once_the_context_slides(monkeypatch):
+    """What each step feeds (cached tokens, new tokens), and that its last logits are those of a
+    forward without the cache over the same context, in float64."""
+    model = small(drop_rate=0.0).double().eval()  # context_length 16
+    fed, seen = [], []
+    forward = model.forward
+
+    def spy(idx, use_cache=False):
+        fed.append((model.cache_len, idx.shape[1]))
+        logits = forward(idx, use_cache=use_cache)
+        seen.append(logits[:, -1])  # (B, V)
+        return logits
+
+    monkeypatch.setattr(model, "forward", spy)
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    out = model.generate(idx, 9, temperature=0.0)  # 19 tokens: two steps past the context
+    assert fed == [(0, 10)] + [(t, 1) for t in range(10, 16)] + [(0, 16)] * 2
+    monkeypatch.undo()
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            context = out[:, : 10 + step][:, -16:]
+            assert_close(logits, model(context)[:, -1], torch.float64)
+
+
+def test_a_stream_begun_under_inference_mode_goes_on_outside_it():
+    torch.manual_seed(6)
+    model = small().eval()
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(6))
+    expected = model.generate(idx, 6, temperature=0.0)
+    steps = model.stream(idx, 6, temperature=0.0)
+    with torch.inference_mode():  # the prompt and a first token: a cache of inference tensors
+        first = [next(steps), next(steps)]
+    rest = list(steps)  # under stream's own torch.no_grad()
+    assert torch.equal(torch.cat([idx, *first, *rest], dim=1), expected)
+    model.reset_cache()
+    with torch.inference_mode():
+        model(idx, use_cache=True)
+    with torch.no_grad():
+        assert model(idx[:, :1], use_cache=True).shape == (2, 1, 97)
+    assert model.cache_len == 6
 
 
 def test_top_k_one_is_greedy():

@@ -383,6 +383,15 @@ class MultiHeadAttention(_ChapterState):
                 f"context_length={self.context_length}; call reset_cache()"
             )
 
+    def _make_cache_writable(self) -> None:
+        """A cache made under ``torch.inference_mode()`` holds inference tensors, which PyTorch
+        lets no in-place write touch outside inference mode: there, copy it once into normal
+        tensors (the same values, so decoding goes on under ``torch.no_grad()`` unchanged)."""
+        if self.cache_k is None or torch.is_inference_mode_enabled():
+            return
+        if self.cache_k.is_inference() or self.cache_v.is_inference():
+            self.cache_k, self.cache_v = self.cache_k.clone(), self.cache_v.clone()
+
     @contextmanager
     def _cache_transaction(self, k: Tensor, v: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """The cached keys and values followed by ``k``, ``v``: (B, Hkv, cache_len + L, D) each.
@@ -392,6 +401,7 @@ class MultiHeadAttention(_ChapterState):
         the slots get their old contents back and a cache allocated here is dropped: the cache
         is exactly as it was, and a retry does not repeat the tokens.
         """
+        self._make_cache_writable()
         fresh = self.cache_k is None
         if fresh:  # pre-allocated once per sequence
             shape = (k.shape[0], self.num_kv_heads, self.context_length, self.head_dim)
