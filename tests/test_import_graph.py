@@ -14,6 +14,8 @@ a parent package's ``__init__`` is not an edge: every module would otherwise dep
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import selfattn
@@ -149,3 +151,26 @@ def test_late_imports_inside_functions_are_edges():
     graph = import_graph()
     assert "selfattn.explain.html" in graph["selfattn.explain.run"]  # imported inside run_explain
     assert "selfattn.explain.cli" in graph["selfattn.cli"]  # imported inside build_parser
+
+
+def test_the_modules_do_not_load_the_ring():
+    """``import selfattn`` and the chapter's modules load no ring attention (and so, where
+    ``import torch`` alone does not, no torch.distributed): the ring is imported only by a
+    `MultiHeadAttention` given a ``context_parallel_group``."""
+    code = (
+        "import sys, torch\n"
+        "torch_loads_it = 'torch.distributed' in sys.modules\n"
+        "import selfattn.modules.causal_multihead\n"
+        "from selfattn import MultiHeadAttention\n"
+        "mha = MultiHeadAttention(8, 8, 8, 0.0, 2).eval()\n"
+        "with torch.no_grad():\n"
+        "    mha(torch.randn(1, 3, 8), use_cache=True)\n"
+        "ring = sorted(m for m in sys.modules if m.startswith('selfattn.ring'))\n"
+        "assert not ring, ring\n"
+        "assert torch_loads_it or 'torch.distributed' not in sys.modules\n"
+        "print('torch_loads_distributed', torch_loads_it)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr

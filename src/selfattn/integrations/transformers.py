@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from selfattn._extras import require
 from selfattn.engines import available
 from selfattn.functional import attention, attention_with_weights
-from selfattn.masks import causal_mask
+from selfattn.masks import causal_block, causal_mask
 
 _transformers = require("transformers", "hf", "selfattn.integrations.transformers")
 _masking = require("transformers.masking_utils", "hf", "selfattn.integrations.transformers")
@@ -252,19 +252,14 @@ def _is_selfattn_causal(
     if padding is not None and not bool(padding[:, kv_offset : kv_offset + kv_length].all()):
         return False
     b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    h = torch.zeros(
-        1, 1, 1, 1, dtype=torch.long, device=device
-    )  # (1, 1, 1, 1): one mask for all heads
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)  # one mask for all heads
     j = torch.arange(kv_length, device=device).view(1, 1, 1, -1)  # (1, 1, 1, S)
-    shift = kv_length - q_length  # bottom-right: query i sees keys j <= i + shift
     for start in range(0, q_length, _MASK_ROWS):
-        i = torch.arange(start, min(start + _MASK_ROWS, q_length), device=device)
-        i = i.view(1, 1, -1, 1)  # (1, 1, rows, 1)
+        stop = min(start + _MASK_ROWS, q_length)
+        i = torch.arange(start, stop, device=device).view(1, 1, -1, 1)  # (1, 1, rows, 1)
         theirs = mask_function(b, h, i + q_offset, j + kv_offset)  # broadcasts to (B, 1, rows, S)
-        ours = j <= i + shift  # (1, 1, rows, S)
-        if window is not None:
-            ours = ours & (j > i + shift - window)
-        if not bool((theirs == ours).all()):
+        ours = causal_block(start, stop, 0, kv_length, q_length, kv_length, window, device=device)
+        if not bool((theirs == ours).all()):  # ours (rows, S) broadcasts too
             return False
     return True
 

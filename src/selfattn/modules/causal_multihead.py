@@ -37,9 +37,6 @@ from selfattn._checks import (
 )
 from selfattn.functional import attention
 from selfattn.recording import one_layer, record
-from selfattn.ring.attention import ring_attention
-from selfattn.ring.comm import rank_and_size
-from selfattn.ring.layouts import check_layout
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -110,6 +107,26 @@ def _check_length(length: int, context_length: int, module: str) -> None:
             f"{module} got a sequence of {length} tokens, longer than context_length="
             f"{context_length}"
         )
+
+
+def _check_context_parallel(
+    group: ProcessGroup | None, layout: str, window: int | None, dropout: float
+) -> str:
+    """The layout, checked, and what ring attention cannot do refused (a ValueError).
+
+    The ring (and with it torch.distributed) is imported only when it is asked for: a group, or
+    a layout other than the default.
+    """
+    if group is not None or layout != "zigzag":
+        from selfattn.ring.layouts import check_layout
+
+        check_layout(layout)
+    if group is not None and (window is not None or probability("dropout", dropout) > 0):
+        raise ValueError(
+            "context_parallel_group: ring attention has no sliding window and no attention "
+            f"dropout; got window={window}, dropout={dropout} (use None and 0.0)"
+        )
+    return layout
 
 
 class CausalAttention(_ChapterState):
@@ -275,13 +292,9 @@ class MultiHeadAttention(_ChapterState):
         self.window = window
         self.backend = backend
         self.context_parallel_group = context_parallel_group
-        self.context_parallel_layout = check_layout(context_parallel_layout)
-        cp_dropout = probability("dropout", dropout) > 0
-        if context_parallel_group is not None and (window is not None or cp_dropout):
-            raise ValueError(
-                "context_parallel_group: ring attention has no sliding window and no attention "
-                f"dropout; got window={window}, dropout={dropout} (use None and 0.0)"
-            )
+        self.context_parallel_layout = _check_context_parallel(
+            context_parallel_group, context_parallel_layout, window, dropout
+        )
         kv_out = self.num_kv_heads * self.head_dim
 
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -314,6 +327,8 @@ class MultiHeadAttention(_ChapterState):
                     f"{name} with context_parallel_group supports neither use_cache nor "
                     "padding_mask"
                 )
+            from selfattn.ring.comm import rank_and_size  # the ring only where it is used
+
             ranks = rank_and_size(self.context_parallel_group)[1]
             _check_length(length * ranks, self.context_length, name)  # the whole sequence
         else:
@@ -335,6 +350,8 @@ class MultiHeadAttention(_ChapterState):
         record("keys", k)
         record("values", v)
         if self.context_parallel_group is not None:  # this rank's rows, over every rank's keys
+            from selfattn.ring.attention import ring_attention
+
             context = ring_attention(
                 q,
                 k,
