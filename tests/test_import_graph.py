@@ -1,6 +1,7 @@
 """The package's import graph has no cycle: data flows one way.
 
-    cli -> (explain | bench) -> (text, module_kinds, models, trace) -> functional -> engines
+    cli -> (explain | bench | train) -> (minilm_trace, module_kinds, models, trace)
+        -> modules -> functional (and ring) -> engines
 
 Every module under src/selfattn is parsed with `ast` (nothing is imported), and each
 ``import selfattn...`` / ``from selfattn... import ...`` in it becomes an edge, wherever it

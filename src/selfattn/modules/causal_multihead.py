@@ -251,7 +251,10 @@ class MultiHeadAttention(_ChapterState):
             leaves the cache exactly as it was, so it can be retried. ``use_cache`` must be a
             bool (a TypeError otherwise). Decoding is for eval mode: in training mode each
             step's attention weights go through dropout like any forward's, so the same prompt
-            decodes differently from run to run; call ``eval()`` first.
+            decodes differently from run to run; call ``eval()`` first. Decode under
+            ``torch.no_grad()`` or ``torch.inference_mode()``, switching freely: a cache made
+            under inference mode is copied once into normal tensors when decoding goes on
+            outside it.
 
     The ``state_dict`` also has the chapter's ``mask`` (see `_ChapterState`).
     """
