@@ -145,6 +145,23 @@ def test_a_kill_at_any_step_of_a_save_leaves_one_whole_checkpoint(base, tmp_path
     assert seen == {20, 21}  # kills before the commit keep the old one, after it the new one
 
 
+def test_a_reader_racing_a_save_reads_the_new_checkpoint_whole(run, monkeypatch):
+    original = checkpoint.load_state(run)
+    one, model_one = version(run, original, 1)
+    real = checkpoint._read_manifest
+    saves = []
+
+    def manifest_then_a_save(run_dir):  # a save commits right after the reader's manifest read
+        manifest = real(run_dir)
+        if not saves:
+            saves.append(21)
+            checkpoint.save_checkpoint(run, one, model_one)
+        return manifest
+
+    monkeypatch.setattr(checkpoint, "_read_manifest", manifest_then_a_save)
+    assert committed(run, {20: original, 21: one}) == 21 and saves
+
+
 def test_a_killed_save_leaves_nothing_behind_after_the_next_one(run):
     (run / ".model.safetensors.x1y2z3.tmp").write_bytes(b"half a file")
     (run / "train_state.safetensors.new").write_bytes(b"an uncommitted file")
