@@ -9,6 +9,7 @@ has changed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from selfattn.train.data import (
     saved_tokenizer,
 )
 from selfattn.train.data_parallel import DataParallel, PeerFailure
+from selfattn.train.files import remove_stale
 from selfattn.train.induction import InductionBatches, induction_metrics, induction_tokenizer
 from selfattn.train.loop import (
     LOSS_PNG,
@@ -133,7 +135,9 @@ def _is_collective_error(err: RuntimeError) -> bool:
 
 def new_run(req: TrainRequest, dist: DataParallel) -> Run:
     preset = req.preset or DEFAULT_PRESET
-    cfg = PRESETS[preset].config.replace(**req.overrides)
+    # The run's schedule and text are fixed now: the decay's end written out (a resume with more
+    # --iters keeps it) and the text's absolute path (a resume from any folder finds it).
+    cfg = PRESETS[preset].config.replace(**_absolute_text(req.overrides)).with_fixed_schedule()
     out = Path(req.out if req.out is not None else f"runs/{preset}")
     _check_out(out, req.force)
     if cfg.data == "induction":
@@ -160,6 +164,7 @@ def new_run(req: TrainRequest, dist: DataParallel) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         for name in (*checkpoint.RUN_FILES, METRICS, SAMPLES, LOSS_PNG, SCORES_PNG, BPE_FILE):
             (out / name).unlink(missing_ok=True)
+        remove_stale(out)
         tokenizer.save(out)
         record = {
             "format": checkpoint.FORMAT,
@@ -173,14 +178,23 @@ def new_run(req: TrainRequest, dist: DataParallel) -> Run:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    """A folder holds a run once a checkpoint is committed: one killed before its first
+    checkpoint (config.json alone) starts again without --force."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
-    held = [name for name in checkpoint.RUN_FILES if (out / name).exists()]
+    held = checkpoint.holds_run(out)
     if held and not force:
         raise ValueError(
-            f"--out {out} already holds a run ({held[0]}): continue it with --resume {out}, "
+            f"--out {out} already holds a run ({held}): continue it with --resume {out}, "
             "overwrite it with --force, or pick another --out"
         )
+
+
+def _absolute_text(overrides: dict) -> dict:
+    """The flags with --text-file made absolute (config.json stores it so)."""
+    if overrides.get("text_file") is None:
+        return overrides
+    return {**overrides, "text_file": str(Path(overrides["text_file"]).expanduser().resolve())}
 
 
 def _check_device(device: str) -> None:
@@ -205,25 +219,20 @@ def _induction_batches(cfg: TrainConfig, tokenizer, dist: DataParallel) -> Induc
 
 
 def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
+    """The run in --resume, checked whole (flags, text, every tensor's name and shape) before
+    anything in its folder changes."""
     out = Path(req.resume)
     if req.out is not None and Path(req.out).resolve() != out.resolve():
         raise ValueError(
             f"--out {req.out} contradicts --resume {req.resume}: a run resumes in place"
         )
     record = checkpoint.read_config(out)
-    saved = TrainConfig.from_dict(record["train"])
-    if req.preset is not None and req.preset != record.get("preset"):
+    if not checkpoint.has_checkpoint(out):
         raise ValueError(
-            f"--preset {req.preset} contradicts the run in {out} (preset {record.get('preset')})"
+            f"the run in {out} stopped before its first checkpoint: there is nothing to resume; "
+            "run the command that started it again (without --resume)"
         )
-    for name, value in req.overrides.items():
-        if name not in RESUMABLE and value != getattr(saved, name):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"{flag} {value} contradicts the run in {out} ({name}={getattr(saved, name)}); "
-                f"a resumed run may change only {', '.join(sorted(RESUMABLE))}"
-            )
-    cfg = saved.replace(**{k: v for k, v in req.overrides.items() if k in RESUMABLE})
+    cfg = _resumed_config(req, out, record)
     state = checkpoint.load_state(out)
     if state.iteration >= cfg.iters:
         raise ValueError(
@@ -235,17 +244,14 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
     if cfg.data == "induction":
         batches = _induction_batches(cfg, tokenizer, dist)
     else:
-        corpus = read_corpus(cfg.text_file)
-        if corpus.sha256 != data.get("sha256"):
-            raise ValueError(
-                f"the text of the run in {out} ({corpus.source}) changed since it started"
-            )
+        corpus = _same_text(cfg.text_file, data.get("sha256"), out)
         batches = _batches(cfg, encode_splits(corpus, tokenizer, cfg.block_size), dist)
     model_config = checkpoint.model_config(record)
     if model_config != cfg.model_config(tokenizer.vocab_size):
         raise ValueError(f"{out}/config.json: its model and training settings disagree")
     _check_device(cfg.device)
     model = GPT(model_config)
+    checkpoint.check_state(state, model, out)  # names and shapes: the state will load
     history = _history(out / METRICS, state.iteration)
     dist.barrier()  # every process has read the folder before rank 0 changes it
     if dist.is_main:  # checked: now the folder changes
@@ -253,6 +259,41 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
         checkpoint.write_config(out, record)
         checkpoint.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
     return Run(cfg, model, tokenizer, batches, out, record.get("preset", "train"), state, history)
+
+
+def _resumed_config(req: TrainRequest, out: Path, record: dict) -> TrainConfig:
+    """The run's settings with the flags a resume may change; any other flag must agree."""
+    saved = TrainConfig.from_dict(record["train"])
+    if req.preset is not None and req.preset != record.get("preset"):
+        raise ValueError(
+            f"--preset {req.preset} contradicts the run in {out} (preset {record.get('preset')})"
+        )
+    overrides = _absolute_text(req.overrides)
+    for name, value in overrides.items():
+        if name not in RESUMABLE and value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {value} contradicts the run in {out} ({name}={getattr(saved, name)}); "
+                f"a resumed run may change only {', '.join(sorted(RESUMABLE))}"
+            )
+    return saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE})
+
+
+def _same_text(text_file: str | None, sha256: str | None, out: Path):
+    """The run's text, read again: refused when it is gone or changed since the run started."""
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise ValueError(
+                f"the run in {out} trained on {path}, which is gone (no such file): put it back "
+                "to resume"
+            )
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            raise ValueError(f"the text of the run in {out} ({path}) changed since it started")
+    corpus = read_corpus(text_file)
+    if corpus.sha256 != sha256:
+        raise ValueError(f"the text of the run in {out} ({corpus.source}) changed since it started")
+    return corpus
 
 
 def _history(path: Path, iteration: int) -> list[dict]:
@@ -293,6 +334,7 @@ def run_generate(req: GenerateRequest) -> int:
     loaded = checkpoint.load_run(req.checkpoint, req.device)
     tokenizer = loaded.tokenizer
     prompt = tokenizer.encode(req.prompt)
+    top_k = _generate_notes(req, len(prompt), loaded.model)
     generator = torch.Generator(req.device)
     if req.seed is None:
         generator.seed()
@@ -303,9 +345,7 @@ def run_generate(req: GenerateRequest) -> int:
     sys.stdout.flush()
     new: list[int] = []
     shown = ""
-    for token in loaded.model.stream(
-        idx, req.max_new_tokens, req.temperature, req.top_k, generator
-    ):
+    for token in loaded.model.stream(idx, req.max_new_tokens, req.temperature, top_k, generator):
         new.append(int(token))
         text = tokenizer.decode(new)
         if text.endswith("\ufffd"):  # a character cut in the middle of its bytes: wait
@@ -315,3 +355,24 @@ def run_generate(req: GenerateRequest) -> int:
         shown = text
     sys.stdout.write(tokenizer.decode(new)[len(shown) :] + "\n")
     return 0
+
+
+def _generate_notes(req: GenerateRequest, prompt_tokens: int, model: GPT) -> int | None:
+    """Say on stderr what the model will not see as asked: a prompt over its context (cropped
+    to the last context_length tokens) and a --top-k over its vocabulary (clipped). The top_k
+    to sample with."""
+    context, vocab = model.config.context_length, model.config.vocab_size
+    if prompt_tokens > context:
+        print(
+            f"selfattn generate: note: the prompt is {prompt_tokens} tokens, over the model's "
+            f"context of {context}: cropped, the model sees its last {context}",
+            file=sys.stderr,
+        )
+    if req.top_k is not None and req.top_k > vocab:
+        print(
+            f"selfattn generate: note: --top-k {req.top_k} is over the vocabulary of {vocab} "
+            f"tokens: clipped to {vocab}",
+            file=sys.stderr,
+        )
+        return vocab
+    return req.top_k

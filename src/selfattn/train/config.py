@@ -35,7 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
-    decay_iters: int | None = None  # None: iters (the decay ends with the run)
+    decay_iters: int | None = None  # None: iters; a new run stores it (`with_fixed_schedule`)
     beta1: float = 0.9
     beta2: float = 0.99
     weight_decay: float = 0.1  # on matrices and embeddings only, not biases or norms
@@ -78,6 +78,15 @@ class TrainConfig:
     def lr_decay_iters(self) -> int:
         return self.iters if self.decay_iters is None else self.decay_iters
 
+    def with_fixed_schedule(self) -> TrainConfig:
+        """These settings with the decay's end written out, as a new run stores them in
+        config.json: a resume with a larger --iters keeps the schedule (and continues at
+        min_lr past its end) unless --decay-iters is given. None becomes --iters, or
+        --warmup-iters when the run is all warm-up (the same learning rates)."""
+        if self.decay_iters is not None:
+            return self
+        return self.replace(decay_iters=max(self.iters, self.warmup_iters))
+
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -106,5 +115,8 @@ class TrainConfig:
         return cls(**data)
 
 
-# Settings a resumed run may change; any other flag must agree with the checkpoint.
-RESUMABLE = frozenset({"iters", "eval_every", "eval_iters", "sample_tokens", "device", "threads"})
+# Settings a resumed run may change; any other flag must agree with the checkpoint. decay_iters
+# only when given: without it a resumed run keeps the schedule it started with.
+RESUMABLE = frozenset(
+    {"iters", "decay_iters", "eval_every", "eval_iters", "sample_tokens", "device", "threads"}
+)

@@ -1,7 +1,12 @@
-"""Atomic file writes: a temporary file in the same folder, flushed to disk, then renamed.
+"""Durable file writes: a temporary file in the same folder, flushed to disk, then renamed.
 
 ``os.replace`` is atomic on POSIX and Windows, so a reader (or a run killed at any moment) sees
-either the old file or the new one, never half of one.
+either the old file or the new one, never half of one. The folder is flushed after the rename,
+so the new name survives a power cut too.
+
+A write that fails (a full disk, a read-only folder) raises `CheckpointWriteError`, an
+`OSError` whose message names the file: ``cannot write runs/x/model.safetensors: No space left
+on device``. The old file is untouched and the temporary one removed.
 """
 
 from __future__ import annotations
@@ -10,28 +15,91 @@ import os
 import tempfile
 from pathlib import Path
 
+TMP_SUFFIX = ".tmp"  # every temporary name ends so; a kill can leave one behind (see remove_stale)
+
+
+class CheckpointWriteError(OSError):
+    """A file of a run (a checkpoint, its manifest, config.json, ...) could not be written.
+    ``str(err)`` is the one-line message; ``err.errno`` the cause's (ENOSPC, EROFS, ...)."""
+
+
+def cannot_write(path: Path, err: OSError) -> CheckpointWriteError:
+    """The error to raise when writing ``path`` failed with ``err``."""
+    if isinstance(err, CheckpointWriteError):
+        return err
+    reason = err.strerror or str(err) or type(err).__name__
+    error = CheckpointWriteError(f"cannot write {path}: {reason}")
+    error.errno = err.errno
+    return error
+
+
+def write_durably(path: Path, data: bytes, shown: Path | None = None) -> None:
+    """Write ``data`` to ``path`` (a new file, or one replaced in place) and flush it to disk.
+    ``shown``: the file a failure names (default ``path``), e.g. the one ``path`` will become."""
+    path = Path(path)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise cannot_write(path if shown is None else Path(shown), err) from None
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically (`CheckpointWriteError` when it cannot be done)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise cannot_write(path, err) from None
         raise
+    sync_folder(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace(src: Path, dst: Path) -> None:
+    """``os.replace(src, dst)``; `CheckpointWriteError` naming ``dst`` when it fails."""
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        raise cannot_write(Path(dst), err) from None
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where that is impossible."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are durable anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the temporary files (``.NAME.XXXX.tmp``) a killed write left in ``folder``."""
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
