@@ -6,9 +6,11 @@ Failures are one line on stderr, never a traceback:
 - exit 2: a usage error, and every ValueError / TypeError / OSError / MissingExtra the work raises
   (bad input, an unwritable path, a missing extra);
 - exit 1: the run itself failed, e.g. a RuntimeError from torch such as running out of memory;
-- exit 130 (128 + SIGINT): interrupted by Ctrl-C (`selfattn train` saves a checkpoint first);
-- exit 141 (128 + SIGPIPE), silently: the reader of stdout went away (``selfattn explain | head``),
-  as with any Unix tool killed by SIGPIPE.
+- exit 130 (128 + SIGINT), silently: interrupted by Ctrl-C, at any moment, even while torch loads
+  (`selfattn train` saves a checkpoint first and says so);
+- exit 141 (128 + SIGPIPE), silently: the reader of the output went away (``selfattn bench --json
+  q.json | head -1``), as a shell reports a tool killed by SIGPIPE. The command carries on with
+  its output going nowhere, so every file it was asked for is still written (`_ReaderGone`).
 """
 
 from __future__ import annotations
