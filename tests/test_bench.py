@@ -148,6 +148,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert needle in err
 
 
+def test_more_threads_than_cores_is_a_one_line_warning_and_the_run_goes_on(
+    tmp_path, capsys, monkeypatch
+):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    args = ["bench", "--contenders", "mha-naive,torch-mha", "--lengths", "16", "--batch", "1"]
+    args += ["--heads", "1", "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--no-memory"]
+    out = tmp_path / "run.json"
+    assert main([*args, "--threads", "2", "--quiet", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err == "selfattn bench: warning: --threads 2 is more than this machine's 1 core\n"
+    assert json.loads(out.read_text())["environment"]["threads"] == 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_usage_error(capsys):
     assert main(["bench", "--device", "cuda"]) == 2

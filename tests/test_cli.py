@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -301,7 +303,7 @@ def test_version_and_exit_codes_in_help(capsys):
         (["--model", "minilm", "--dropout", "0.1"], "--dropout does not apply to --model"),
         (["--json", "--precision", "2"], "--precision sets the terminal walkthrough's"),
         (["--png", "{tmp}/x.jpg"], "the name must end in .png, .svg or .pdf"),
-        (["--dropout", "1"], "expected a number 0 <= P < 1"),
+        (["--dropout", "1"], "expected a number in [0, 1), got 1.0"),
     ],
 )
 def test_an_option_that_does_not_apply_is_exit_2_with_the_reason(tmp_path, capsys, args, reason):
@@ -376,3 +378,211 @@ def test_use_cache_must_be_a_bool_and_a_training_trace_says_dropout():
         mha(torch.rand(1, 3, 4), use_cache="no")
     assert "after dropout (p = 0.5)" in trace(mha, torch.rand(3, 4)).extras["note"]
     assert "note" not in trace(mha.eval(), torch.rand(3, 4)).extras
+
+
+# ---- every command: closed pipes, Ctrl-C, non-finite numbers, --threads ----------------------
+
+QUICK_BENCH = [
+    "bench", "--preset", "quick", "--contenders", "mha-naive,torch-mha", "--lengths", "16",
+    "--batch", "1", "--heads", "1", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
+    "--no-memory", "--threads", "1",
+]  # fmt: skip
+
+
+def command_into_a_closed_pipe(args, tmp_path):
+    """Run `python -m selfattn ARGS` with stdout a pipe whose reader is gone before the first
+    write (`selfattn ... | head -1` once head has its line): every write fails with EPIPE."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "selfattn", *[a.format(tmp=tmp_path) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    child.stdout.close()
+    _, err = child.communicate(timeout=300)
+    return child.returncode, err.decode()
+
+
+TRAIN_TINY = ["train", "--preset", "tiny", "--iters", "2", "--eval-every", "1", "--eval-iters", "1"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "--list"],
+        [*QUICK_BENCH, "--json", "{tmp}/q.json"],
+        [*TRAIN_TINY, "--threads", "1", "--out", "{tmp}/run"],  # a progress bar: rich's console
+    ],
+    ids=["bench-list", "bench-json", "train"],
+)
+def test_every_command_ends_quietly_with_141_on_a_closed_pipe_and_writes_its_files(args, tmp_path):
+    status, err = command_into_a_closed_pipe(args, tmp_path)
+    assert (status, err) == (128 + 13, "")
+    if "--json" in args:  # the file asked for is written whatever happened to stdout
+        assert json.loads((tmp_path / "q.json").read_text())["measurements"]
+    if args[0] == "train":
+        assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def console_script() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "selfattn")
+
+
+@pytest.mark.parametrize("entry", [[sys.executable, "-m", "selfattn"], [console_script()]])
+def test_ctrl_c_while_torch_loads_is_130_without_a_traceback(entry):
+    child = subprocess.Popen(
+        [*entry, "bench", "--list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(0.2)  # the interpreter is up; torch (seconds to import) is still loading
+    assert child.poll() is None
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert (child.returncode, err.decode()) == (130, "")
+
+
+def test_import_selfattn_loads_neither_torch_nor_torch_distributed():
+    """The package's names load when first used (PEP 562), so `selfattn` starts fast and Ctrl-C
+    reaches `cli.main` before torch loads."""
+    code = (
+        "import sys, selfattn, selfattn.cli\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+        "assert 'torch.distributed' not in sys.modules, 'torch.distributed'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_lazy_package_has_every_public_name():
+    import selfattn
+
+    star = {}
+    exec("from selfattn import *", star)
+    for name in selfattn.__all__:
+        assert star[name] is getattr(selfattn, name) and name in dir(selfattn)
+    assert callable(selfattn.trace)  # the function, not the submodule of the same name
+    with pytest.raises(AttributeError, match="no attribute 'bogus'"):
+        selfattn.bogus  # noqa: B018
+    # in a fresh process, importing the submodule first still leaves the function
+    code = "import selfattn.trace, selfattn; assert callable(selfattn.trace), selfattn.trace"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def sub_command_parsers():
+    import argparse
+
+    from selfattn.cli import build_parser
+
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def float_options():
+    """(command, flag, converter) for every option whose values are numbers with a fraction."""
+    found = []
+    for command, parser in sub_command_parsers().items():
+        for action in parser._actions:
+            if action.type is None or not action.option_strings:
+                continue
+            for text in ("0.5", "1.5", "2", "100"):
+                try:
+                    value = action.type(text)
+                except Exception:
+                    continue
+                if isinstance(value, float):
+                    found.append((command, action.option_strings[0], action.type))
+                    break
+    return found
+
+
+def test_float_options_are_found_in_every_command():
+    flags = {(command, flag) for command, flag, _ in float_options()}
+    for expected in [
+        ("explain", "--dropout"),
+        ("bench", "--time-budget"),
+        ("train", "--lr"),
+        ("train", "--grad-clip"),
+        ("generate", "--temperature"),
+    ]:
+        assert expected in flags
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400", "Infinity"])
+def test_every_float_option_of_every_command_refuses_non_finite_values(capsys, text):
+    import argparse
+
+    for command, flag, convert in float_options():
+        with pytest.raises(argparse.ArgumentTypeError):
+            convert(text)
+        assert main([command, f"{flag}={text}"]) == 2, (command, flag)
+        err = capsys.readouterr().err
+        assert err.startswith(f"selfattn {command}: error: argument {flag}")
+        assert err.count("\n") == 1
+
+
+INT_OR_FLOAT_TEXTS = ["0", "1", "2", "-1", "0.5", "0.999", "1.5", "inf", "nan", "2e3", str(2**64)]
+
+
+def test_train_flags_and_train_config_accept_the_same_values():
+    """Each TrainConfig field is checked once (selfattn._checks), for the API, the presets and the
+    command line alike: a flag accepts a value exactly when TrainConfig does."""
+    import argparse
+
+    from selfattn.train.cli import _FIELDS
+    from selfattn.train.config import TrainConfig
+
+    base = dict(lr=1e30, min_lr=0.0, warmup_iters=0)  # no refusal for how two settings relate
+    for flag, name, convert, _ in _FIELDS:
+        if convert is str:
+            continue
+        for text in INT_OR_FLOAT_TEXTS:
+            try:
+                convert(text)
+                flag_ok = True
+            except argparse.ArgumentTypeError:
+                flag_ok = False
+            value = int(text) if text.lstrip("-").isdigit() else float(text)
+            try:
+                TrainConfig(**{**base, name: value})
+                config_ok = True
+            except (TypeError, ValueError):
+                config_ok = False
+            assert flag_ok == config_ok, (flag, text)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "needle"),
+    [
+        (dict(iters=True), TypeError, "iters must be a positive integer, got bool True"),
+        (dict(batch_size=2.0), TypeError, "batch_size must be a positive integer, got float"),
+        (dict(lr=float("inf")), ValueError, "lr must be a finite number > 0, got inf"),
+        (dict(grad_clip=float("nan")), ValueError, "grad_clip must be a finite number >= 0"),
+        (dict(beta2=1.0), ValueError, "beta2 must be a number in [0, 1), got 1.0"),
+        (dict(warmup_iters=10, decay_iters=5), ValueError, "decay_iters (5) must be >= warmup"),
+    ],
+)
+def test_train_config_refuses_bad_settings_in_the_flags_words(changes, error, needle):
+    from selfattn.train.config import TrainConfig
+
+    with pytest.raises(error) as raised:
+        TrainConfig(**changes)
+    assert needle in str(raised.value)
+
+
+def test_decay_ending_before_the_warm_up_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--warmup-iters", "10", "--decay-iters", "5"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "decay_iters (5) must be >= warmup_iters (10)" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_more_threads_than_cores_is_a_one_line_warning_and_the_run_goes_on(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    args = ["train", "--preset", "tiny", "--iters", "1", "--eval-iters", "1", "--quiet"]
+    assert main([*args, "--threads", "2", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err == "selfattn train: warning: --threads 2 is more than this machine's 1 core\n"
+    assert main([*args, "--threads", "1", "--out", str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().err == ""

@@ -1,71 +1,70 @@
-"""argparse ``type=`` converters shared by every sub-command: one wording for bad numbers."""
+"""argparse ``type=`` converters shared by every sub-command: text parsed, then held to the same
+checks as the API (`selfattn._checks`), so a flag and its setting accept the same values and say
+the same words."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+from selfattn import _checks as checks
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+    return _converted(text, int, checks.positive_int)
 
 
 def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    return _float_where(text, lambda x: x >= 0, "a number >= 0")
-
-
-def probability(text: str) -> float:
-    """A probability such as a dropout rate: 0 <= P < 1."""
-    return _float_where(text, lambda x: 0 <= x < 1, "a number 0 <= P < 1")
+    return _converted(text, int, checks.non_negative_int)
 
 
 def int_in_range(text: str, low: int, high: int) -> int:
-    value = _int_at_least(text, low, f"an integer {low}..{high}")
-    if value > high:
-        raise argparse.ArgumentTypeError(f"expected an integer {low}..{high}, got {value}")
-    return value
-
-
-def _float_where(text: str, ok, expected: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def _int_at_least(text: str, minimum: int, expected: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-    return value
+    return _converted(text, int, lambda name, value: checks.int_in_range(name, value, low, high))
 
 
 def seed(text: str) -> int:
     """A ``torch.manual_seed`` value: an integer in [0, 2**64)."""
-    value = _int_at_least(text, 0, "a seed in [0, 2**64)")
-    if value >= 2**64:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {value}")
-    return value
+    return _converted(text, int, checks.seed)
+
+
+def positive_float(text: str) -> float:
+    return _converted(text, float, checks.positive_float)
+
+
+def non_negative_float(text: str) -> float:
+    return _converted(text, float, checks.non_negative_float)
+
+
+def probability(text: str) -> float:
+    """A probability such as a dropout rate: 0 <= P < 1."""
+    return _converted(text, float, checks.probability)
+
+
+def _converted(text: str, parse, check):
+    """``text`` parsed, then held to the check the API uses (`selfattn._checks`), whose message
+    becomes argparse's: "argument --lr: expected a finite number > 0, got inf"."""
+    try:
+        value = parse(text)
+    except ValueError:
+        value = text  # not a number at all: the check says what was expected
+    try:
+        return check(None, value)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def warn_if_more_threads_than_cores(command: str, threads: int | None) -> None:
+    """One line on stderr when ``--threads`` asks for more threads than the machine has cores
+    (the run goes on: oversubscribed threads are slower, not wrong)."""
+    cores = os.cpu_count()
+    if threads is not None and cores is not None and threads > cores:
+        noun = "core" if cores == 1 else "cores"
+        print(
+            f"selfattn {command}: warning: --threads {threads} is more than this machine's "
+            f"{cores} {noun}",
+            file=sys.stderr,
+        )
 
 
 def check_writable(flag: str, path: str) -> None:

@@ -8,22 +8,68 @@ import math
 import torch
 from torch import Tensor
 
+# ---- numbers: one wording and one set of accepted values for the API (the modules,
+# TrainConfig) and the command line (`selfattn._argtypes`, whose converters pass name=None).
+# bool is never a number here, and a float must be finite.
 
-def positive_int(name: str, value: object) -> int:
+
+def positive_int(name: str | None, value: object) -> int:
     """``value`` as an int >= 1, or a TypeError / ValueError naming what arrived."""
+    return _int_within(name, value, 1, None, "a positive integer")
+
+
+def non_negative_int(name: str | None, value: object) -> int:
+    return _int_within(name, value, 0, None, "an integer >= 0")
+
+
+def int_in_range(name: str | None, value: object, low: int, high: int) -> int:
+    return _int_within(name, value, low, high, f"an integer {low}..{high}")
+
+
+def seed(name: str | None, value: object) -> int:
+    """A ``torch.manual_seed`` value: an integer in [0, 2**64)."""
+    return _int_within(name, value, 0, 2**64 - 1, "a seed in [0, 2**64)")
+
+
+def positive_float(name: str | None, value: object) -> float:
+    return _finite_where(name, value, lambda x: x > 0, "a finite number > 0")
+
+
+def non_negative_float(name: str | None, value: object) -> float:
+    return _finite_where(name, value, lambda x: x >= 0, "a finite number >= 0")
+
+
+def probability(name: str | None, value: object) -> float:
+    """A probability such as a dropout rate: 0 <= P < 1."""
+    return _finite_where(name, value, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
+def _int_within(name: str | None, value: object, low: int, high: int | None, expected: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+        raise TypeError(_must_be(name, expected, _shown(value)))
+    if value < low or (high is not None and value > high):
+        raise ValueError(_must_be(name, expected, value))
     return value
 
 
-def probability(name: str, value: object) -> float:
+def _finite_where(name: str | None, value: object, ok, expected: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
+        raise TypeError(_must_be(name, expected, _shown(value)))
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(_must_be(name, expected, value))
     return float(value)
+
+
+def _shown(value: object) -> str:
+    """A value of the wrong type: text as typed ('1.5'), anything else with its type (bool True)."""
+    return repr(value) if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+
+
+def _must_be(name: str | None, expected: str, got: object) -> str:
+    return f"{name} must be {expected}, got {got}" if name else f"expected {expected}, got {got}"
+
+
+# ---- tensors ------------------------------------------------------------------------------------
 
 
 def token_input(x: object, d_in: int, module: str) -> Tensor:

@@ -6,9 +6,11 @@ Failures are one line on stderr, never a traceback:
 - exit 2: a usage error, and every ValueError / TypeError / OSError / MissingExtra the work raises
   (bad input, an unwritable path, a missing extra);
 - exit 1: the run itself failed, e.g. a RuntimeError from torch such as running out of memory;
-- exit 130 (128 + SIGINT): interrupted by Ctrl-C (`selfattn train` saves a checkpoint first);
-- exit 141 (128 + SIGPIPE), silently: the reader of stdout went away (``selfattn explain | head``),
-  as with any Unix tool killed by SIGPIPE.
+- exit 130 (128 + SIGINT), silently: interrupted by Ctrl-C, at any moment, even while torch loads
+  (`selfattn train` saves a checkpoint first and says so);
+- exit 141 (128 + SIGPIPE), silently: the reader of the output went away (``selfattn bench --json
+  q.json | head -1``), as a shell reports a tool killed by SIGPIPE. The command carries on with
+  its output going nowhere, so every file it was asked for is still written (`_ReaderGone`).
 """
 
 from __future__ import annotations
@@ -68,33 +70,88 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `selfattn` console script; returns the exit status."""
+    """Entry point of the `selfattn` console script; returns the exit status.
+
+    This module imports only the standard library; torch and the commands load inside the
+    ``try`` below, so Ctrl-C at any moment, even while torch loads, is exit 130 without a
+    traceback. stdout and stderr are `_ReaderGone` guards for the whole command.
+    """
     prog = "selfattn"  # "selfattn <command>" once the command is known: one error prefix
+    out, err = _ReaderGone.install()
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as done:  # --help and --version print, then exit 0
             sys.stdout.flush()
-            return int(done.code or 0)
+            return _status(int(done.code or 0), out, err)
         prog = f"selfattn {args.command}"
         status = args.run(args)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
-        return status
-    except UsageError as err:
-        print(str(err).splitlines()[0], file=sys.stderr)
+        sys.stdout.flush()
+        return _status(status, out, err)
+    except UsageError as error:
+        print(str(error).splitlines()[0], file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:
-        _silence_stdout()
+    except BrokenPipeError:  # a write that went around the guards, e.g. to sys.stdout.buffer
+        _silence(sys.stdout)
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        print("selfattn: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # quiet, as a shell shows ^C; `selfattn train` says what it saved
         return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, MissingExtra) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, MissingExtra) as error:
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        print(f"{prog}: error: {_one_line(err, kind=True)}", file=sys.stderr)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        print(f"{prog}: error: {_one_line(error, kind=True)}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        sys.stdout, sys.stderr = out.stream, err.stream
+
+
+def _status(status: int, *guards: _ReaderGone) -> int:
+    """The command's status, or 141 when a reader went away while it ran."""
+    return EXIT_BROKEN_PIPE if any(guard.gone for guard in guards) else status
+
+
+class _ReaderGone:
+    """stdout (or stderr) for the span of a command: when its reader goes away (``selfattn ... |
+    head -1``), the rest of the output goes to /dev/null and the command carries on, so every
+    file it was asked for is still written; `main` then exits 141 without a word.
+
+    Every writer goes through it: print, json.dump and rich's consoles (which write to
+    ``sys.stdout``; left to themselves they end the process with status 1 on a closed pipe).
+    """
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.gone = False
+
+    @classmethod
+    def install(cls) -> tuple[_ReaderGone, _ReaderGone]:
+        sys.stdout, sys.stderr = out, err = cls(sys.stdout), cls(sys.stderr)
+        return out, err
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._went_away()
+            return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._went_away()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, buffer, ...
+        return getattr(self.stream, name)
+
+    def _went_away(self) -> None:
+        self.gone = True
+        _silence(self.stream)
 
 
 def _one_line(err: BaseException, *, kind: bool = False) -> str:
@@ -107,10 +164,11 @@ def _one_line(err: BaseException, *, kind: bool = False) -> str:
     return f"{name}: {first}" if kind else first
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null: Python's own flush at exit would fail on the closed pipe again."""
+def _silence(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null: the output still buffered, and Python's
+    own flush at exit, then go nowhere instead of failing on the closed pipe again."""
     try:
-        fd = sys.stdout.fileno()
+        fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # not a real file, e.g. a test's capture
         return
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfattn._argtypes import check_writable, non_negative_int, positive_float, positive_int
+from selfattn._argtypes import (
+    check_writable,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+    warn_if_more_threads_than_cores,
+)
 from selfattn.bench.presets import PRESETS
 
 
@@ -47,6 +54,8 @@ _CAUSAL = {"yes": (True,), "no": (False,), "both": (True, False)}
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``bench`` sub-command: what to time (`_what_to_time`), how (`_how_to_time`), and where
+    the figures go (`_outputs`)."""
     presets = "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
     bench = subparsers.add_parser(
         "bench",
@@ -55,6 +64,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "checking each against a float64 reference, and report each as a ratio to a baseline. "
         f"Presets: {presets}.",
     )
+    _what_to_time(bench)
+    _how_to_time(bench)
+    _outputs(bench)
+    bench.set_defaults(run=run_bench)
+    return bench
+
+
+def _what_to_time(bench: argparse.ArgumentParser) -> None:
+    """The preset, the contenders and the shapes of their inputs."""
     add = bench.add_argument
     add("--preset", choices=list(PRESETS), default="quick", help="what to run (default: quick)")
     add(
@@ -83,6 +101,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="dtypes (default: fp32 on CPU, bf16 on CUDA)",
     )
     add("--passes", type=_name_list, metavar="fwd[,fwd+bwd]", help="which passes to time")
+    add("--prompt", type=positive_int, help="decode preset: prompt length (default: 512)")
+    add("--new-tokens", type=positive_int, help="decode preset: new tokens (default: 256)")
+    add("--layers", type=positive_int, help="decode preset: attention layers (default: 2)")
+
+
+def _how_to_time(bench: argparse.ArgumentParser) -> None:
+    """Repeats, budgets, threads and the seed."""
+    add = bench.add_argument
     add("--repeats", type=positive_int, help="timed repeats per contender and pass")
     add("--warmup", type=non_negative_int, help="untimed calls before the repeats")
     add(
@@ -100,10 +126,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     add("--no-memory", action="store_true", help="skip the peak-memory measurements")
     add("--threads", type=positive_int, help="torch.set_num_threads before running")
-    add("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
-    add("--prompt", type=positive_int, help="decode preset: prompt length (default: 512)")
-    add("--new-tokens", type=positive_int, help="decode preset: new tokens (default: 256)")
-    add("--layers", type=positive_int, help="decode preset: attention layers (default: 2)")
+    add("--seed", type=seed, default=0, help="seed of the weights and inputs (default: 0)")
+
+
+def _outputs(bench: argparse.ArgumentParser) -> None:
+    """The table on stdout, and the files and comparisons asked for."""
+    add = bench.add_argument
     add("--json", metavar="FILE", help="write every figure and the environment to FILE")
     add("--plot", metavar="FILE.png", help="draw time and memory per contender (needs matplotlib)")
     add(
@@ -113,16 +141,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="compare two saved runs and flag regressions beyond noise (runs nothing)",
     )
     add("--quiet", action="store_true", help="no progress bar")
-    bench.set_defaults(run=run_bench)
-    return bench
 
 
 def run_bench(args: argparse.Namespace) -> int:
-
     from rich.console import Console
 
     from selfattn.bench import report
-    from selfattn.bench.presets import BenchConfig
     from selfattn.bench.runner import run_benchmark
 
     out = Console(width=None if sys.stdout.isatty() else 160)
@@ -137,7 +161,26 @@ def run_bench(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_writable(flag, path)
-    config = BenchConfig(
+    config = _config(args)
+    warn_if_more_threads_than_cores("bench", args.threads)
+    err = Console(stderr=True)
+    with _RichProgress(err, disable=args.quiet or not err.is_terminal) as progress:
+        results = run_benchmark(config, progress)
+    report.render(results, out)
+    if args.json:
+        report.write_json(results, args.json)
+        out.print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(results, args.plot)
+        out.print(f"wrote {args.plot}")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    """The run the flags ask for; a flag left out takes the preset's value."""
+    from selfattn.bench.presets import BenchConfig
+
+    return BenchConfig(
         preset=args.preset,
         contenders=args.contenders,
         baseline=args.baseline,
@@ -160,17 +203,6 @@ def run_bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         layers=args.layers,
     )
-    err = Console(stderr=True)
-    with _RichProgress(err, disable=args.quiet or not err.is_terminal) as progress:
-        results = run_benchmark(config, progress)
-    report.render(results, out)
-    if args.json:
-        report.write_json(results, args.json)
-        out.print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(results, args.plot)
-        out.print(f"wrote {args.plot}")
-    return 0
 
 
 def _print_list(console) -> None:

@@ -314,33 +314,45 @@ def compare(old: Results, new: Results, console: Console, threshold: float = 0.1
     for m in new.measurements:
         key = (m.label, m.contender, m.pass_)
         seen.add(key)
-        o = before.get(key)
-        if o is None:
-            table.add_row(*key, "", _ms(m.median_s), "", "[dim]new[/]")
-            continue
-        if o.status != "ok" or m.status != "ok" or not o.median_s or not m.median_s:
-            if o.status != m.status:
-                verdict = f"{o.status} -> {m.status}"
-                if o.status == "ok":
-                    verdict = f"[bold red]{verdict}[/]"
-                    regressions += 1
-                table.add_row(*key, _ms(o.median_s), _ms(m.median_s), "", verdict)
-            continue
-        change = m.median_s / o.median_s - 1.0
-        slower = m.median_s > o.median_s * (1 + threshold) and m.q1_s > o.q3_s
-        faster = m.median_s < o.median_s * (1 - threshold) and m.q3_s < o.q1_s
-        if slower:
-            verdict = "[bold red]REGRESSION[/]"
-            regressions += 1
-        elif faster:
-            verdict = "[green]faster[/]"
-        else:
-            verdict = "[dim]within noise[/]"
-        table.add_row(*key, _ms(o.median_s), _ms(m.median_s), f"{change * 100:+.0f}%", verdict)
+        cells, regressed = _change(before.get(key), m, threshold)
+        if cells:
+            table.add_row(*key, *cells)
+        regressions += regressed
     for key in before:
         if key not in seen:
             table.add_row(*key, _ms(before[key].median_s), "", "", "[dim]gone[/]")
     console.print(table)
+    _compare_footer(old, new, console, regressions, threshold)
+    return regressions
+
+
+def _change(o: Measurement | None, m: Measurement, threshold: float) -> tuple[list[str], bool]:
+    """The cells old ms, new ms, change and verdict for one measurement (none when nothing is
+    worth a row), and whether it regressed."""
+    if o is None:
+        return ["", _ms(m.median_s), "", "[dim]new[/]"], False
+    if o.status != "ok" or m.status != "ok" or not o.median_s or not m.median_s:
+        if o.status == m.status:
+            return [], False
+        regressed = o.status == "ok"  # it ran before; now it is wrong, skipped or failed
+        verdict = f"{o.status} -> {m.status}"
+        verdict = f"[bold red]{verdict}[/]" if regressed else verdict
+        return [_ms(o.median_s), _ms(m.median_s), "", verdict], regressed
+    change = m.median_s / o.median_s - 1.0
+    slower = m.median_s > o.median_s * (1 + threshold) and m.q1_s > o.q3_s
+    faster = m.median_s < o.median_s * (1 - threshold) and m.q3_s < o.q1_s
+    if slower:
+        verdict = "[bold red]REGRESSION[/]"
+    elif faster:
+        verdict = "[green]faster[/]"
+    else:
+        verdict = "[dim]within noise[/]"
+    return [_ms(o.median_s), _ms(m.median_s), f"{change * 100:+.0f}%", verdict], slower
+
+
+def _compare_footer(
+    old: Results, new: Results, console: Console, regressions: int, threshold: float
+) -> None:
     envs = [(r.environment.get("gpu") or r.environment.get("cpu"), r.environment.get("torch"))
             for r in (old, new)]  # fmt: skip
     if envs[0] != envs[1]:
@@ -351,4 +363,3 @@ def compare(old: Results, new: Results, console: Console, threshold: float = 0.1
         f"{regressions} regression(s) flagged (> {threshold:.0%} slower and outside both runs' "
         "interquartile ranges)"
     )
-    return regressions

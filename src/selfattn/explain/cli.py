@@ -14,7 +14,8 @@ from selfattn.module_kinds import MODULE_KINDS
 
 
 def add_explain_parser(sub) -> None:
-    """The ``explain`` sub-command: what to run (`_what_to_run`) and what to show (`_outputs`)."""
+    """The ``explain`` sub-command: what to run (`_what_to_run`), its settings (`_settings`) and
+    what to show (`_outputs`)."""
     ex = sub.add_parser(
         "explain",
         help="walk through the attention computation step by step",
@@ -24,12 +25,13 @@ def add_explain_parser(sub) -> None:
         "is a usage error.",
     )
     _what_to_run(ex)
+    _settings(ex)
     _outputs(ex)
     ex.set_defaults(run=run)
 
 
 def _what_to_run(ex: argparse.ArgumentParser) -> None:
-    """The module or model, its input text, and its settings."""
+    """The module or model, and its input text."""
     which = ex.add_mutually_exclusive_group()
     which.add_argument(
         "--module",
@@ -61,6 +63,10 @@ def _what_to_run(ex: argparse.ArgumentParser) -> None:
     ex.add_argument(
         "--truncate", action="store_true", help="cut --text past the model's 512 tokens"
     )
+
+
+def _settings(ex: argparse.ArgumentParser) -> None:
+    """The module's sizes, seed and dropout; which layer and head to show."""
     ex.add_argument(
         "--seed",
         type=seed,

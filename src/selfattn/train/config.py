@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from selfattn import _checks as checks
 from selfattn.models.gpt import GPTConfig
 
 DTYPES = ("float32", "bfloat16")  # bfloat16: autocast around the forward, fp32 weights
@@ -50,15 +51,27 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "batch_size", "iters", "eval_every", "eval_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+        """Every number held to the check its flag uses (`selfattn._checks`: the same values
+        accepted, in the same words), then the settings that depend on each other."""
+        optional = ("n_kv_heads", "vocab_size", "decay_iters", "threads")  # None: the default
+        for check, names in (
+            (checks.positive_int, ("block_size", "batch_size", "n_layers", "n_heads", "emb_dim")),
+            (checks.positive_int, ("iters", "eval_every", "eval_iters", *optional)),
+            (checks.non_negative_int, ("warmup_iters", "sample_tokens")),
+            (checks.probability, ("dropout", "beta1", "beta2")),
+            (checks.positive_float, ("lr",)),
+            (checks.non_negative_float, ("min_lr", "weight_decay", "grad_clip")),
+            (checks.seed, ("seed",)),
+        ):
+            for name in names:
+                if not (name in optional and getattr(self, name) is None):
+                    check(name, getattr(self, name))
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.decay_iters is not None and self.decay_iters < self.warmup_iters:
             raise ValueError(
-                f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
+                f"decay_iters ({self.decay_iters}) must be >= warmup_iters ({self.warmup_iters}): "
+                "the cosine decay starts where the warm-up ends"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
