@@ -239,7 +239,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(run, capsys, m
     with pytest.raises(CheckpointWriteError) as caught:
         run_train(request)
     assert str(caught.value) == wanted and caught.value.errno == errno.ENOSPC
-    assert main(["train", "--resume", str(run), "--iters", "25", "--quiet"]) != 0
+    assert main(["train", "--resume", str(run), "--iters", "25", "--quiet"]) == 1
     assert capsys.readouterr().err == f"selfattn train: error: {wanted}\n"
     monkeypatch.undo()
     assert checkpoint.load_state(run).iteration == checkpoint.load_run(run).iteration == 20

@@ -5,7 +5,9 @@ Failures are one line on stderr, never a traceback:
 
 - exit 2: a usage error, and every ValueError / TypeError / OSError / MissingExtra the work raises
   (bad input, an unwritable path, a missing extra);
-- exit 1: the run itself failed, e.g. a RuntimeError from torch such as running out of memory;
+- exit 1: the run itself failed, e.g. a RuntimeError from torch such as running out of memory,
+  or a file the run must keep could not be written (an error whose ``exit_status`` is 1, such as
+  `selfattn.train.files.CheckpointWriteError`: a full disk, a read-only folder);
 - exit 130 (128 + SIGINT), silently: interrupted by Ctrl-C, at any moment, even while torch loads
   (`selfattn train` saves a checkpoint first and says so);
 - exit 141 (128 + SIGPIPE), silently: the reader of the output went away (``selfattn bench --json
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError, MissingExtra) as error:
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(error, "exit_status", EXIT_USAGE)
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
         print(f"{prog}: error: {_one_line(error, kind=True)}", file=sys.stderr)
         return EXIT_FAILURE

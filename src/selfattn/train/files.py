@@ -20,7 +20,10 @@ TMP_SUFFIX = ".tmp"  # every temporary name ends so; a kill can leave one behind
 
 class CheckpointWriteError(OSError):
     """A file of a run (a checkpoint, its manifest, config.json, ...) could not be written.
-    ``str(err)`` is the one-line message; ``err.errno`` the cause's (ENOSPC, EROFS, ...)."""
+    ``str(err)`` is the one-line message; ``err.errno`` the cause's (ENOSPC, EROFS, ...). The
+    input was fine, the run failed: the CLI exits with 1 (``exit_status``), not 2."""
+
+    exit_status = 1
 
 
 def cannot_write(path: Path, err: OSError) -> CheckpointWriteError:
