@@ -396,6 +396,9 @@ svg .val { pointer-events: none; font-size: 11px; }
 .note { font-size: 13px; color: var(--hot); }
 footer { padding: 4px 28px 24px; color: var(--muted); font-size: 13px; }
 @media (max-width: 900px) { main { grid-template-columns: 1fr; } }
+/* a view in a notebook: as narrow as its output area, whatever the window's width */
+:host { display: block; container-type: inline-size; }
+@container (max-width: 900px) { main { grid-template-columns: 1fr; } }
 """
 
 _JS = r"""
