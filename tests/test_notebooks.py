@@ -17,6 +17,7 @@ Skipped where nbclient or Chromium is missing, except under SELFATTN_REQUIRE_EXT
 from __future__ import annotations
 
 import html.parser
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -105,6 +106,14 @@ def test_a_trace_draws_itself_as_the_view_without_changing():
     assert '"merged":' in fragment  # the chapter's merged heads, added to a copy
     assert sorted(tr.steps) == steps
     assert ids_of(fragment).outside != ids_of(tr._repr_html_()).outside
+
+
+def test_a_trace_has_no_html_form_without_the_view(monkeypatch):
+    """trace.py imports nothing of explain: until explain.inline sets the hook, Jupyter gets
+    None from ``_repr_html_`` and shows the text form."""
+    trace_module = importlib.import_module("selfattn.trace")  # the module: selfattn.trace is
+    monkeypatch.setattr(trace_module, "_html_view", None)  # the function trace()
+    assert explain_example("v1")._repr_html_() is None
 
 
 def test_show_of_a_module_traces_every_layer_and_shows_the_one_asked_first():
