@@ -27,6 +27,7 @@ a KV cache holds earlier tokens):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,17 @@ STEP_MEANINGS: dict[str, str] = {
 }
 # masked_scores, dropped_weights and merged are not recorded: `selfattn.explain` derives them.
 _MIXES_HEADS = ("merged", "output")
+
+# How Jupyter draws a Trace (`Trace._repr_html_`). The view is `selfattn.explain.inline`'s, a
+# layer above this module, which never imports it: importing that module sets the hook (with
+# `set_html_view`). Until then a Trace has no HTML form and Jupyter shows its text.
+_html_view: Callable[[Trace], str] | None = None
+
+
+def set_html_view(render: Callable[[Trace], str] | None) -> None:
+    """Set the function that turns a `Trace` into the HTML Jupyter shows (None: no HTML)."""
+    global _html_view
+    _html_view = render
 
 
 @dataclass
@@ -101,6 +113,11 @@ class Trace:
     def head(self, name: str, h: int) -> Tensor:
         """One head's slice of a per-head step, e.g. ``trace.head("weights", 0)`` -> (L, L)."""
         return self.steps[name][h]
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's rich display: the interactive view of `selfattn.show`, as shown in a
+        notebook cell's output (None, so plain text, before that view is loaded)."""
+        return None if _html_view is None else _html_view(self)
 
 
 def trace(

@@ -22,6 +22,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ MAX_NUMBERS = 2_000_000
 _DECIMALS = 4
 # one view shows Q, K and V; another the merged heads and out_proj's output
 _STEP_VIEWS = {"queries": "qkv", "keys": "qkv", "values": "qkv", "merged": "output"}
+_VIEW_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 def render_html(
@@ -63,20 +65,56 @@ def render_html(
     ``layer``, ``head`` and ``step`` are the ones shown first; all stay selectable.
     """
     data = page_data(traces, layer=layer, head=head, step=step, title=title)
+    return (
+        _TEMPLATE.replace("__BODY__", _BODY)
+        .replace("__TITLE__", html.escape(data["title"]))
+        .replace("__CSS__", _CSS)
+        .replace("__JS__", _JS)
+        .replace("__DATA__", _script_json(data))
+    )
+
+
+def render_view(
+    traces: Trace | Sequence[Trace],
+    *,
+    view_id: str,
+    layer: int = 0,
+    head: int = 0,
+    step: str = "weights",
+    title: str | None = None,
+) -> str:
+    """The page's view as an HTML fragment to embed in another page: a notebook cell's output.
+
+    The fragment is one ``<div id=view_id>`` and the script that draws the view into that div's
+    shadow root, so several views on one page share no element ids and no globals, and the
+    page's styles and theirs do not touch. ``view_id`` must be unique on the page that shows it
+    (letters, digits, ``-`` and ``_``, starting with a letter). Like the page, it loads nothing.
+    Where scripts do not run (an untrusted notebook), the div says so instead.
+    """
+    if not isinstance(view_id, str) or not _VIEW_ID.fullmatch(view_id):
+        raise ValueError(
+            f"view_id must be letters, digits, '-' and '_', starting with a letter; got {view_id!r}"
+        )
+    data = page_data(traces, layer=layer, head=head, step=step, title=title)
+    return (
+        _VIEW.replace("__ID__", view_id)
+        .replace("__BODY__", _BODY)
+        .replace("__CSS__", _CSS)
+        .replace("__JS__", _JS)
+        .replace("__DATA__", _script_json(data))
+    )
+
+
+def _script_json(data: dict[str, Any]) -> str:
+    """``data`` as JSON to place inside a ``<script>`` element."""
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     # Inside <script>, "</script>" or "<!--" in a token must not end the element: escape < > &.
-    payload = (
+    return (
         payload.replace("<", "\\u003c")
         .replace(">", "\\u003e")
         .replace("&", "\\u0026")
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
-    )
-    return (
-        _TEMPLATE.replace("__TITLE__", html.escape(data["title"]))
-        .replace("__CSS__", _CSS)
-        .replace("__JS__", _JS)
-        .replace("__DATA__", payload)
     )
 
 
@@ -221,7 +259,37 @@ _TEMPLATE = """<!DOCTYPE html>
 <style>__CSS__</style>
 </head>
 <body>
-<svg id="svg-ns" width="0" height="0" aria-hidden="true"></svg>
+__BODY__
+<footer>Made by <b>selfattn</b>. This page is one self-contained file: it works offline and
+  loads nothing from the network.</footer>
+<script>(__JS__)(document);</script>
+</body>
+</html>
+"""
+
+# A view in someone else's page: the host div, with the view's markup kept inert in a <template>
+# until the script moves it into the div's shadow root (light-DOM children of a shadow host are
+# not drawn, so the note shows only where the script never ran). The script finds the div by its
+# id, or, where the output is not in the document yet, as the element just before itself.
+_VIEW = """<div id="__ID__" class="selfattn-view"><template><style>__CSS__</style>
+__BODY__</template><p style="font-style: italic">selfattn: this interactive view needs
+JavaScript. Run the cell again (in a trusted notebook) to see it.</p></div>
+<script>
+(function () {
+  "use strict";
+  const me = document.currentScript;
+  const host = document.getElementById("__ID__") || (me && me.previousElementSibling);
+  if (!host || host.shadowRoot) return;
+  const root = host.attachShadow({ mode: "open" });
+  root.appendChild(host.querySelector("template").content.cloneNode(true));
+  (__JS__)(root);
+})();
+</script>
+"""
+
+# The view itself: the page's body, and a notebook cell's view (`render_view`) inside its shadow
+# root. The script finds every element of it by id inside its own root.
+_BODY = """<svg id="svg-ns" width="0" height="0" aria-hidden="true"></svg>
 <header>
   <p class="kicker">selfattn explain</p>
   <h1 id="title"></h1>
@@ -253,24 +321,19 @@ _TEMPLATE = """<!DOCTYPE html>
     <div id="thumbs" class="thumbs"></div>
   </section>
 </main>
-<footer>Made by <b>selfattn</b>. This page is one self-contained file: it works offline and
-  loads nothing from the network.</footer>
 <div id="tip" role="tooltip" hidden></div>
 <script type="application/json" id="selfattn-data">__DATA__</script>
-<script>__JS__</script>
-</body>
-</html>
 """
 
 _CSS = """
-:root {
+:root, :host {
   --ink: #1d2330; --muted: #5b6475; --line: #dfe3ea; --bg: #f6f7f9; --card: #ffffff;
   --accent: #2f6fdf; --accent-soft: #e7effd; --hot: #d9480f;
   --font: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
   --mono: ui-monospace, "SFMono-Regular", Menlo, Consolas, "Liberation Mono", monospace;
 }
 * { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink); font: 15px/1.5 var(--font); }
+body, :host { margin: 0; background: var(--bg); color: var(--ink); font: 15px/1.5 var(--font); }
 header { padding: 22px 28px 8px; }
 .kicker { margin: 0; color: var(--accent); font-weight: 600; letter-spacing: .06em;
   text-transform: uppercase; font-size: 12px; }
@@ -333,14 +396,17 @@ svg .val { pointer-events: none; font-size: 11px; }
 .note { font-size: 13px; color: var(--hot); }
 footer { padding: 4px 28px 24px; color: var(--muted); font-size: 13px; }
 @media (max-width: 900px) { main { grid-template-columns: 1fr; } }
+/* a view in a notebook: as narrow as its output area, whatever the window's width */
+:host { display: block; container-type: inline-size; }
+@container (max-width: 900px) { main { grid-template-columns: 1fr; } }
 """
 
 _JS = r"""
-"use strict";
-(function () {
-  const DATA = JSON.parse(document.getElementById("selfattn-data").textContent);
-  const NS = document.getElementById("svg-ns").namespaceURI;  // the SVG namespace
-  const FONT = getComputedStyle(document.body).fontFamily;
+function (root) {
+  "use strict";
+  const DATA = JSON.parse(root.getElementById("selfattn-data").textContent);
+  const NS = root.getElementById("svg-ns").namespaceURI;  // the SVG namespace
+  const FONT = getComputedStyle(root.getElementById("title")).fontFamily;
   const measure = document.createElement("canvas").getContext("2d");
   const BLUES = ["#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5",
     "#08519c", "#08306b"];
@@ -358,7 +424,7 @@ _JS = r"""
     { id: "output", label: "out_proj", title: "Output  out_proj(heads merged)" },
   ];
   const state = Object.assign({}, DATA.initial);
-  const tip = document.getElementById("tip");
+  const tip = root.getElementById("tip");
   const tokens = DATA.tokens;
   let uid = 0;
 
@@ -441,7 +507,7 @@ _JS = r"""
     const height = top + nr * rowH + 4;
     const svg = el("svg", { width: Math.ceil(width), height: Math.ceil(height),
       class: "heatmap", "data-name": spec.name });
-    const hatch = "hatch-" + (++uid);
+    const hatch = (root.host ? root.host.id + "-" : "") + "hatch-" + (++uid);
     const defs = el("defs");
     const pat = el("pattern", { id: hatch, width: 5, height: 5, patternUnits: "userSpaceOnUse",
       patternTransform: "rotate(45)" });
@@ -643,7 +709,7 @@ _JS = r"""
 
   // ---- the line view (bertviz-style head view) ------------------------------------------
   function lineView() {
-    const box = document.getElementById("lines");
+    const box = root.getElementById("lines");
     box.replaceChildren();
     const w = headOf("weights"), L = tokens.length, colour = HEAD_COLOURS[state.head % 12];
     const rowH = L > 60 ? 14 : L > 30 ? 17 : L > 12 ? 22 : 28, size = rowH >= 20 ? 13 : 11;
@@ -709,10 +775,10 @@ _JS = r"""
 
   // ---- head overview --------------------------------------------------------------------
   function thumbs() {
-    const box = document.getElementById("thumbs");
+    const box = root.getElementById("thumbs");
     box.replaceChildren();
     const lay = layer(), L = tokens.length;
-    document.getElementById("heads-card").hidden = lay.num_heads < 2;
+    root.getElementById("heads-card").hidden = lay.num_heads < 2;
     for (let hd = 0; hd < lay.num_heads; hd++) {
       const button = h("button", { class: "thumb", "data-head": hd,
         "aria-pressed": String(hd === state.head), title: "show head " + hd });
@@ -741,8 +807,8 @@ _JS = r"""
       labels ? labels[k] : prefix + k));
   }
   function controls() {
-    const layerBox = document.getElementById("layer-box");
-    const layerSel = document.getElementById("layer"), headSel = document.getElementById("head");
+    const layerBox = root.getElementById("layer-box");
+    const layerSel = root.getElementById("layer"), headSel = root.getElementById("head");
     layerBox.hidden = DATA.layers.length < 2;
     options(layerSel, DATA.layers.length, "", DATA.layers.map((l) => l.label));
     layerSel.addEventListener("change", () => {
@@ -752,7 +818,7 @@ _JS = r"""
       render();
     });
     headSel.addEventListener("change", () => { state.head = +headSel.value; render(); });
-    const steps = document.getElementById("steps");
+    const steps = root.getElementById("steps");
     const anyOutput = DATA.layers.some((l) => "output" in l.steps);
     STEPS.filter((s) => s.id !== "output" || anyOutput).forEach((s, k) => {
       if (k) steps.appendChild(h("span", { class: "arrow", "aria-hidden": "true" }, "→"));
@@ -765,37 +831,39 @@ _JS = r"""
 
   function render() {
     const lay = layer();
-    document.getElementById("layer").value = String(state.layer);
-    const headSel = document.getElementById("head");
+    root.getElementById("layer").value = String(state.layer);
+    const headSel = root.getElementById("head");
     if (headSel.options.length !== lay.num_heads) options(headSel, lay.num_heads, "head ");
     headSel.value = String(state.head);
-    document.getElementById("head-box").hidden = lay.num_heads < 2;
-    document.querySelectorAll("#steps button").forEach((b) => {
+    root.getElementById("head-box").hidden = lay.num_heads < 2;
+    root.querySelectorAll("#steps button").forEach((b) => {
       b.setAttribute("aria-pressed", String(b.dataset.step === state.step));
       b.disabled = !available(b.dataset.step);
     });
     const step = STEPS.find((s) => s.id === state.step);
-    document.getElementById("step-title").textContent = step.title
+    root.getElementById("step-title").textContent = step.title
       + (lay.num_heads > 1 && step.id !== "inputs" && step.id !== "output"
         ? " — head " + state.head : "")
       + (DATA.layers.length > 1 ? " — " + lay.label : "");
-    document.getElementById("step-text").innerHTML = explanation(step.id);
-    const panels = document.getElementById("panels");
+    root.getElementById("step-text").innerHTML = explanation(step.id);
+    const panels = root.getElementById("panels");
     panels.replaceChildren(...panelsFor(step.id).map(heatmap));
-    document.getElementById("description").textContent = lay.description;
+    root.getElementById("description").textContent = lay.description;
     lineView();
     thumbs();
     hideTip();
   }
 
-  document.getElementById("title").textContent = DATA.title;
-  document.getElementById("note").textContent = DATA.note;
-  document.getElementById("note").hidden = !DATA.note;
-  const sentence = document.getElementById("sentence");
+  root.getElementById("title").textContent = DATA.title;
+  root.getElementById("note").textContent = DATA.note;
+  root.getElementById("note").hidden = !DATA.note;
+  const sentence = root.getElementById("sentence");
   tokens.forEach((t) => sentence.appendChild(h("span", { class: "tok" }, t)));
   controls();
   if (!available(state.step)) state.step = "weights";
   render();
-  window.selfattnPage = { state: state, render: render };
-})();
+  const api = { state: state, render: render };
+  if (root === document) window.selfattnPage = api;
+  else root.host.selfattnView = api;  // in a notebook: no globals, each view's host holds its own
+}
 """
