@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, `__getattr__` below
     from selfattn.engines import available as available_backends
+    from selfattn.explain.inline import plot, show
     from selfattn.functional import (
         attention,
         attention_with_lse,
@@ -44,12 +45,18 @@ _PUBLIC = {
     "causal_mask": ("selfattn.masks", "causal_mask"),
     "key_padding_mask": ("selfattn.masks", "key_padding_mask"),
     "merge_partials": ("selfattn.functional", "merge_partials"),
+    "plot": ("selfattn.explain.inline", "plot"),
+    "show": ("selfattn.explain.inline", "show"),
     "sliding_window_mask": ("selfattn.masks", "sliding_window_mask"),
     "trace": ("selfattn.trace", "trace"),
     "trace_all": ("selfattn.trace", "trace_all"),
 }
 
 __all__ = sorted(_PUBLIC)
+
+# A Trace draws itself inline in Jupyter (`Trace._repr_html_`) through the view that
+# selfattn.explain.inline registers: loading a trace name through the package loads it too.
+_WITH_VIEW = {"Trace", "trace", "trace_all"}
 
 __version__ = "0.1.0"
 
@@ -60,6 +67,8 @@ def __getattr__(name: str) -> object:
     if name in _PUBLIC:
         module, attribute = _PUBLIC[name]
         value = getattr(importlib.import_module(module), attribute)
+        if name in _WITH_VIEW:
+            importlib.import_module("selfattn.explain.inline")
         globals()[name] = value  # later lookups skip this function
         return value
     try:
