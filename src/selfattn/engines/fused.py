@@ -191,7 +191,7 @@ def _assemble(plan: _Plan, q: Tensor, v: Tensor, out_k: Tensor, lse_k: Tensor):
     """The kernel's results as the engine's: (B, Hq, Lq, Ev) in q's dtype and (B, Hq, Lq)
     lse; rows with no key zero and -inf, the float mask's shift back in the lse."""
     out = out_k[..., : v.shape[-1]]  # (B, Hq, Lq', Ev): the padding columns dropped
-    lse = lse_k.to(compute_dtype(q.dtype))  # (B, Hq, Lq'), a new tensor (not the saved one)
+    lse = lse_k.to(compute_dtype(q.dtype), copy=True)  # (B, Hq, Lq'): not the saved tensor
     if plan.first_row:  # causal, Lq > Lk: the leading rows see no key
         b, hq, r = q.shape[0], q.shape[1], plan.first_row
         out = torch.cat([out.new_zeros(b, hq, r, out.shape[-1]), out], dim=2)
