@@ -18,7 +18,8 @@ from selfattn import (
 from selfattn.engines import AttentionRequest
 from selfattn.functional import select_engine
 
-ENGINES = ["naive", "sdpa", "tiled"]
+ENGINES = ["naive", "sdpa", "fused", "tiled"]
+DROPOUT_ENGINES = ["naive", "sdpa", "tiled"]  # fused refuses dropout (tests/test_fused.py)
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -223,7 +224,7 @@ def test_key_padding_mask_from_lengths():
         key_padding_mask(torch.tensor([1.5]))
 
 
-@pytest.mark.parametrize("engine", ["naive", "tiled"])
+@pytest.mark.parametrize("engine", ["naive", "fused", "tiled"])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_lse_and_merging_partials(engine, is_causal):
     q, k, v = (t.detach().float() for t in make_qkv(1, 2, 2, 5, 10, 16))
@@ -278,7 +279,7 @@ def test_chapter_dropout_on_weights_is_reproduced():
     torch.testing.assert_close(w[0, 0].detach(), expected, atol=5e-5, rtol=0)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", DROPOUT_ENGINES)
 def test_dropout_keeps_the_right_fraction(engine):
     """With v = identity, the output *is* the dropped-out weight matrix, on any engine."""
     torch.manual_seed(0)
@@ -297,14 +298,24 @@ def test_auto_picks_a_capable_engine():
     plain = AttentionRequest()
     assert select_engine("auto", plain).name == "sdpa"
     assert select_engine("auto", AttentionRequest(need_weights=True)).name == "naive"
-    assert select_engine("auto", AttentionRequest(need_lse=True)).name == "tiled"
+    # The log-sum-exp: PyTorch's fused kernels where they can run, else the tiled engine.
+    assert select_engine("auto", AttentionRequest(need_lse=True)).name == "fused"
+    lse_cuda = AttentionRequest(need_lse=True, device_type="cuda", dtype=torch.bfloat16)
+    assert select_engine("auto", lse_cuda).name == "fused"
+    lse_dropout = AttentionRequest(need_lse=True, dropout_p=0.1)
+    assert select_engine("auto", lse_dropout).name == "tiled"
+    lse_mps = AttentionRequest(need_lse=True, device_type="mps")
+    assert select_engine("auto", lse_mps).name == "tiled"
     windowed = AttentionRequest(is_causal=True, window=8)
     assert select_engine("auto", windowed).name == "tiled"
+    windowed_lse_cuda = AttentionRequest(is_causal=True, window=8, need_lse=True,
+                                         device_type="cuda")  # fmt: skip
+    assert select_engine("auto", windowed_lse_cuda).name == "fused"
 
 
 def test_unknown_backend_lists_the_valid_ones():
     q = torch.randn(1, 1, 3, 4)
-    with pytest.raises(ValueError, match=r"'flash'.*'naive', 'sdpa', 'tiled', 'auto'"):
+    with pytest.raises(ValueError, match=r"'flash'.*'naive', 'sdpa', 'tiled', 'fused', 'auto'"):
         attention(q, q, q, backend="flash")
 
 

@@ -1,15 +1,18 @@
 """Ring attention (selfattn.ring) against single-process attention.
 
 In-process: the layouts (shards, positions, which pieces of a block a rank computes, checked
-against the causal rule on positions), the block decomposition the ring rests on (tiled forward
-and backward per key block, merged), and a ring of one.
+against the causal rule on positions), the block decomposition the ring rests on (each engine's
+block forward and backward per key block, merged: fused and tiled), which engine a ring runs
+on, and a ring of one.
 
 Spawned: gloo process groups of 2, 3 and 4 ranks on loopback (`run_local`, one thread each),
-each running a batch of cases, to amortise the start-up: outputs and the gradients of q, k and
-v equal `selfattn.attention` over the whole sequence (float64 within 1e-10; float32 within
-1e-5 of float32 attention, and within the tolerance table of the float64 reference), causal
-and not, both layouts, GQA, through `MultiHeadAttention(context_parallel_group=...)`, and over
-size-1 groups. A rank that raises makes the others fail with a clear error, within seconds.
+each running a batch of cases on both block engines (fused and tiled), to amortise the
+start-up: outputs and the gradients of q, k and v equal `selfattn.attention` over the whole
+sequence (float64 within 1e-10; float32 within 1e-5 of float32 attention, and within the
+tolerance table of the float64 reference; bfloat16 within the table's bf16 row), causal and
+not, both layouts, GQA, through `MultiHeadAttention(context_parallel_group=...)` with the
+module's backend, and over size-1 groups. A rank that raises makes the others fail with a clear
+error, within seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.distributed as dist
 from tolerances import SAME_ROUTE_F32, assert_close
 
 import selfattn
-from selfattn.engines.tiled import tiled_backward, tiled_forward
+from selfattn.engines import get_engine
 from selfattn.ring import (
     LocalRunError,
     ring_attention,
@@ -31,9 +34,11 @@ from selfattn.ring import (
     shard_sequence,
     unshard_sequence,
 )
+from selfattn.ring.attention import block_kernels
 from selfattn.ring.layouts import visible_pieces
 
 LAYOUTS = ("zigzag", "contiguous")
+BLOCK_ENGINES = ("fused", "tiled")
 
 # ------------------------------------------------------------------------------ the layouts
 
@@ -115,10 +120,13 @@ def test_zigzag_gives_every_rank_the_same_causal_work():
 # --------------------------------------------------------- the block decomposition, in-process
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tiled_kernels_per_key_block_merge_into_exact_attention_and_gradients(dtype):
+@pytest.mark.parametrize("engine", BLOCK_ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_block_kernels_per_key_block_merge_into_exact_attention_and_gradients(engine, dtype):
     """What each ring step does: forward per key block, merged by lse; backward per block with
     the merged output and lse gives exact dk, dv of the block and a share of dq."""
+    blocks = get_engine(engine).blocks
+    scale = 8**-0.5
     g = torch.Generator().manual_seed(1)
     q, k, v, do = (
         torch.randn(2, 4, 24, 8, generator=g, dtype=torch.float64),
@@ -136,17 +144,20 @@ def test_tiled_kernels_per_key_block_merge_into_exact_attention_and_gradients(dt
         (slice(10, 24), slice(0, 10), False),  # later queries on earlier keys: all visible
         (slice(10, 24), slice(10, 24), True),  # queries 10..23 on block 1: the diagonal
     ]
-    out = torch.zeros(2, 4, 24, 6, dtype=dtype)  # merged over the pieces, like a ring step
-    lse = torch.full((2, 4, 24), float("-inf"), dtype=dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # the kernels' results
+    out = torch.zeros(2, 4, 24, 6, dtype=work)  # merged over the pieces, like a ring step
+    lse = torch.full((2, 4, 24), float("-inf"), dtype=work)
     for rows, keys, causal in parts:
-        o, s = tiled_forward(q_[:, :, rows], k_[:, :, keys], v_[:, :, keys], is_causal=causal)
+        o, s = blocks.forward(
+            q_[:, :, rows], k_[:, :, keys], v_[:, :, keys], is_causal=causal, scale=scale
+        )
         out[:, :, rows], lse[:, :, rows] = selfattn.merge_partials(
             out[:, :, rows], lse[:, :, rows], o, s
         )
     assert_close(out, ref, dtype)
-    dq, dk, dv = torch.zeros_like(q_), torch.zeros_like(k_), torch.zeros_like(v_)
+    dq, dk, dv = (torch.zeros_like(t, dtype=out.dtype) for t in (q_, k_, v_))
     for rows, keys, causal in parts:
-        a, b, c = tiled_backward(
+        a, b, c = blocks.backward(
             q_[:, :, rows],
             k_[:, :, keys],
             v_[:, :, keys],
@@ -154,6 +165,7 @@ def test_tiled_kernels_per_key_block_merge_into_exact_attention_and_gradients(dt
             lse[:, :, rows],
             do_[:, :, rows],
             is_causal=causal,
+            scale=scale,
         )
         dq[:, :, rows] += a
         dk[:, :, keys] += b
@@ -165,14 +177,27 @@ def test_tiled_kernels_per_key_block_merge_into_exact_attention_and_gradients(dt
 # ----------------------------------------------------------------------- a ring of one, here
 
 
+def test_auto_runs_the_fused_blocks_where_they_can_run_and_names_what_cannot():
+    q = torch.zeros(1, 2, 4, 8)
+    assert block_kernels("auto", q, True, 0.5) is get_engine("fused").blocks
+    assert block_kernels("tiled", q, True, 0.5) is get_engine("tiled").blocks
+    with pytest.raises(ValueError, match="sdpa: it has no block kernels.*'fused', 'tiled'"):
+        block_kernels("sdpa", q, True, 0.5)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        block_kernels("flash", q, True, 0.5)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        ring_attention(q, q, q, backend=None)
+
+
+@pytest.mark.parametrize("backend", BLOCK_ENGINES)
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_without_a_process_group_it_is_plain_attention(is_causal):
+def test_without_a_process_group_it_is_plain_attention(is_causal, backend):
     assert not dist.is_initialized()
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 1, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    out = ring_attention(q, k, v, is_causal=is_causal, scale=0.3)
+    out = ring_attention(q, k, v, is_causal=is_causal, scale=0.3, backend=backend)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     ref = selfattn.attention(q, k, v, is_causal=is_causal, scale=0.3, backend="naive")
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
@@ -238,7 +263,8 @@ def _check_ring(case: dict, group=None) -> None:
 
     full = whole(torch.float64)
     ring_in = [shard(t).to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*ring_in, group=group, is_causal=causal, layout=layout)
+    backend = case.get("backend", "auto")
+    out = ring_attention(*ring_in, group=group, is_causal=causal, layout=layout, backend=backend)
     out.backward(shard(do).to(dtype))
     got = (out, *(t.grad for t in ring_in))
     where = f"{case} on rank {rank} of {world}"
@@ -253,12 +279,12 @@ def _check_ring(case: dict, group=None) -> None:
             torch.testing.assert_close(a, shard(b), **SAME_ROUTE_F32, msg=lambda m: where + m)
 
 
-def _check_module(layout: str, num_kv_heads: int) -> None:
+def _check_module(layout: str, num_kv_heads: int, backend: str) -> None:
     """MultiHeadAttention on shards of x equals the module on the whole x: output, x's gradient
-    and (summed over the ranks) the parameters' gradients."""
+    and (summed over the ranks) the parameters' gradients; the ring runs the module's backend."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(3)
-    kw = dict(num_kv_heads=num_kv_heads)
+    kw = dict(num_kv_heads=num_kv_heads, backend=backend)
     whole = selfattn.MultiHeadAttention(12, 12, 64, 0.0, 4, **kw).double()
     mha = selfattn.MultiHeadAttention(
         12, 12, 64, 0.0, 4, **kw, context_parallel_group=dist.group.WORLD,
@@ -284,12 +310,12 @@ def _check_module(layout: str, num_kv_heads: int) -> None:
         mha(torch.zeros(1, 64 // world + 2, 12, dtype=torch.float64))
 
 
-def _rank_checks(cases: list[dict], modules: list[tuple[str, int]]) -> int:
+def _rank_checks(cases: list[dict], modules: list[tuple[str, int, str]]) -> int:
     """Every case on this rank, then the module, size-1 groups and a mismatched call."""
     for case in cases:
         _check_ring(case)
-    for layout, kv_heads in modules:
-        _check_module(layout, kv_heads)
+    for layout, kv_heads, backend in modules:
+        _check_module(layout, kv_heads, backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     one = {"layout": "zigzag", "causal": True, "dtype": torch.float64, "shape": (1, 2, 1, 12, 4, 4)}
@@ -311,6 +337,7 @@ CASES_2 = [
     {"layout": "zigzag", "causal": True, "dtype": torch.float32, "shape": (1, 2, 2, 512, 16, 16)},
     {"layout": "contiguous", "causal": True, "dtype": torch.float32, "shape": (1, 2, 1, 96, 8, 8)},
     {"layout": "zigzag", "causal": False, "dtype": torch.float32, "shape": (2, 2, 2, 40, 8, 8)},
+    {"layout": "zigzag", "causal": True, "dtype": torch.bfloat16, "shape": (1, 4, 2, 64, 8, 8)},
 ]
 CASES_4 = [
     {"layout": "zigzag", "causal": True, "dtype": torch.float64, "shape": (1, 4, 2, 64, 8, 8)},
@@ -318,6 +345,12 @@ CASES_4 = [
     {"layout": "zigzag", "causal": False, "dtype": torch.float64, "shape": (1, 2, 2, 16, 4, 4)},
     {"layout": "contiguous", "causal": False, "dtype": torch.float32, "shape": (1, 2, 2, 64, 8, 8)},
     {"layout": "zigzag", "causal": True, "dtype": torch.float32, "shape": (1, 2, 1, 256, 16, 16)},
+    {
+        "layout": "contiguous",
+        "causal": False,
+        "dtype": torch.bfloat16,
+        "shape": (1, 2, 2, 32, 8, 8),
+    },
 ]
 
 # Three ranks: an odd ring (the zigzag pairs chunk r with chunk 2P-1-r = 5-r), and bf16 inputs
@@ -335,19 +368,27 @@ CASES_3 = [
 ]
 
 
+def on_both_engines(cases: list[dict]) -> list[dict]:
+    return [{**case, "backend": engine} for case in cases for engine in BLOCK_ENGINES]
+
+
 def test_two_ranks_equal_single_process_attention():
-    done = run_local(_rank_checks, 2, CASES_2, [("zigzag", 2), ("contiguous", 4)], timeout=90)
-    assert done == [len(CASES_2)] * 2
+    cases = on_both_engines(CASES_2)
+    modules = [("zigzag", 2, "fused"), ("contiguous", 4, "tiled")]
+    done = run_local(_rank_checks, 2, cases, modules, timeout=120)
+    assert done == [len(cases)] * 2
 
 
 def test_three_ranks_equal_single_process_attention():
-    done = run_local(_rank_checks, 3, CASES_3, [("contiguous", 2)], timeout=90)
-    assert done == [len(CASES_3)] * 3
+    cases = on_both_engines(CASES_3)
+    done = run_local(_rank_checks, 3, cases, [("contiguous", 2, "auto")], timeout=120)
+    assert done == [len(cases)] * 3
 
 
 def test_four_ranks_equal_single_process_attention():
-    done = run_local(_rank_checks, 4, CASES_4, [("zigzag", 1)], timeout=90)
-    assert done == [len(CASES_4)] * 4
+    cases = on_both_engines(CASES_4)
+    done = run_local(_rank_checks, 4, cases, [("zigzag", 1, "fused")], timeout=120)
+    assert done == [len(cases)] * 4
 
 
 def _fail_after_forward(linger: float) -> None:

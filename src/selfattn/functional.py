@@ -33,7 +33,7 @@ from selfattn._checks import (
     compute_dtype,
     probability,
 )
-from selfattn.engines import AUTO_ORDER, AttentionRequest, Engine, EngineOutput, get_engine
+from selfattn.engines import AttentionRequest, Engine, EngineOutput, auto_order, get_engine
 from selfattn.recording import is_recording
 
 
@@ -61,7 +61,8 @@ def attention(
         window: with ``is_causal``, keep only the ``window`` most recent keys (itself included).
         scale: multiplies the scores; default 1/sqrt(E).
         dropout_p: dropout on the attention weights. Applied whenever > 0: pass 0.0 in eval.
-        backend: "naive", "sdpa", "tiled" or "auto" (the fastest engine that supports the call).
+        backend: "naive", "sdpa", "fused", "tiled" or "auto" (the fastest engine that supports
+            the call).
 
     Returns:
         (B, Hq, Lq, Ev). A query row that may see no key returns zeros (and zero gradient).
@@ -166,6 +167,7 @@ def run(
         need_lse=need_lse,
         need_weights=need_weights,
         device_type=q.device.type,
+        dtype=q.dtype,
     )
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         return _empty_output(q, k, v, request)
@@ -202,13 +204,8 @@ def select_engine(backend: str, request: AttentionRequest) -> Engine:
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
         return engine
-    # On CPU the tiled engine skips the blocks a sliding window rules out, where SDPA would
-    # compute them all under a dense mask. On a GPU the tiled engine is a Python loop over
-    # tiles (about 100x slower than SDPA on an H200): SDPA with the window's mask runs there.
-    windowed_cpu = request.window is not None and request.device_type == "cpu"
-    order = ("tiled", "sdpa", "naive") if windowed_cpu else AUTO_ORDER
     reasons = []
-    for name in order:
+    for name in auto_order(request):  # the rule and its reasons: selfattn.engines.registry
         engine = get_engine(name)
         reason = engine.unsupported(request)
         if reason is None:

@@ -66,7 +66,13 @@ from selfattn._checks import (
     positive_int,
     probability,
 )
-from selfattn.engines.registry import AttentionRequest, Engine, EngineOutput, register
+from selfattn.engines.registry import (
+    AttentionRequest,
+    BlockKernels,
+    Engine,
+    EngineOutput,
+    register,
+)
 from selfattn.masks import block_is_empty, block_is_full, causal_block
 
 # Default tiles: 512 keys, and 1024 queries (512 under a causal mask, where smaller query blocks
@@ -658,5 +664,6 @@ register(
         fn=tiled_attention_engine,
         unsupported=_unsupported,
         summary="FlashAttention in plain torch: online softmax over tiles, skips masked blocks",
+        blocks=BlockKernels(forward=tiled_forward, backward=tiled_backward),
     )
 )

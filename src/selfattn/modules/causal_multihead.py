@@ -234,7 +234,7 @@ class MultiHeadAttention(_ChapterState):
             parameters' gradients: sum them over the group (``all_reduce``, or DDP over the
             same ranks). ``context_length`` bounds the whole L. Not with ``window``,
             ``dropout`` > 0, ``use_cache`` or ``padding_mask`` (a ValueError); ``backend``
-            is not used (each block runs the tiled engine).
+            computes each ring block ("fused", "tiled" or "auto"; see `ring_attention`).
         context_parallel_layout: how the sequence is sharded: "zigzag" (the default, equal
             work per rank under the causal mask; L a multiple of 2P) or "contiguous" (rank r
             holds tokens [r·L/P, (r+1)·L/P)).
@@ -362,6 +362,7 @@ class MultiHeadAttention(_ChapterState):
                 group=self.context_parallel_group,
                 is_causal=self.causal,
                 layout=self.context_parallel_layout,
+                backend=self.backend,  # the engine of each ring block ("auto": fused, tiled)
             )  # (B, H, L / P, D)
             return self._output(x, context)
         context = attention(

@@ -1,7 +1,8 @@
 """Attention over a sequence split across processes: ring attention on torch.distributed.
 
-* `ring_attention(q, k, v, *, group, is_causal, scale, layout)`: each rank passes its shard of
-  the sequence and gets its shard of the exact output; differentiable (see `ring`).
+* `ring_attention(q, k, v, *, group, is_causal, scale, layout, backend)`: each rank passes its
+  shard of the sequence and gets its shard of the exact output; differentiable; each block runs
+  on an engine's block kernels, "fused" or "tiled" (see `attention`).
 * `shard_sequence` / `unshard_sequence`: full tensor <-> shards, in the ``"zigzag"`` (balanced
   under a causal mask) or ``"contiguous"`` layout (see `layouts`).
 * `run_local(fn, P, ...)`: run ``fn`` on P local gloo processes, to try it on one machine.

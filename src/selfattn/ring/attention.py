@@ -7,9 +7,13 @@ Transformers, https://arxiv.org/abs/2310.01889)::
 
     step t: rank r holds the block of rank s = r - t (mod P)
         post: send the block to rank r + 1, receive the next from rank r - 1   (in flight...)
-        out_s, lse_s = tiled attention of the local queries on block s         (...while this runs)
+        out_s, lse_s = attention of the local queries on block s, with lse     (...while this runs)
         out, lse     = merge(out, lse, out_s, lse_s)      exact: the log-sum-exp merge
         wait for the transfer
+
+Each block runs on an engine's block kernels (`selfattn.engines.BlockKernels`): "fused"
+(PyTorch's own fused kernels, on CPU and CUDA) or "tiled" (FlashAttention in plain PyTorch);
+``backend="auto"`` takes the first of `selfattn.engines.RING_ORDER` that can run the call.
 
 The merge is `selfattn.merge_partials`: out = (e^lse · out + e^lse_s · out_s) / (e^lse + e^lse_s),
 NaN-free on rows that have seen no key yet (lse = -inf). Under a causal mask a step computes
@@ -17,8 +21,9 @@ only the pieces that the positions leave visible (`layouts.visible_pieces`): who
 skipped or computed with no mask, and only the diagonal block is causal.
 
 Backward (a custom autograd Function, FlashAttention-2 per block): the forward saves only q, k,
-v, the merged out and lse. The blocks go around once more; with the merged lse, each block's
-tile weights P = exp(S - lse) are the true weights, so each step's dq, dk, dv are exact shares.
+v, the merged out and lse. The blocks go around once more; the engine's block backward gets the
+merged out and lse (as FlashAttention's ring backward does), so its weights P = exp(S - lse) are
+the true weights, and each step's dq, dk, dv are exact shares.
 dq accumulates at home; dk and dv travel with their block, each rank adding its share, and come
 home after the last step::
 
@@ -29,7 +34,7 @@ home after the last step::
     after step P - 1, the dk, dv received are this rank's own block's, complete.
 
 Memory per rank, beyond q, k, v, out and their gradients: lse, dq, the key/value block in hand
-and the one arriving, one dk/dv pair, and the tiled kernel's per-piece results: O(n · E), never
+and the one arriving, one dk/dv pair, and the block kernel's per-piece results: O(n · E), never
 O(L). (The dk/dv partial sums are waited for at the start of a step rather than overlapped with
 it: that keeps one pair alive instead of three, and costs little, as every rank does the same
 work and sends them at the same moment.)
@@ -48,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selfattn._checks import check_flag, check_qkv, check_scale
-from selfattn.engines.tiled import tiled_backward, tiled_forward
+from selfattn.engines import RING_ORDER, AttentionRequest, BlockKernels, get_engine
 from selfattn.functional import merge_partials
 from selfattn.ring.comm import Pending, RingComm, first_line
 from selfattn.ring.layouts import (
@@ -71,6 +76,7 @@ def ring_attention(
     is_causal: bool = False,
     scale: float | None = None,
     layout: str = "zigzag",
+    backend: str = "auto",
 ) -> Tensor:
     """Attention over a sequence sharded across ``group``: this rank's rows of the output.
 
@@ -88,6 +94,9 @@ def ring_attention(
         scale: score scale; None means 1 / sqrt(E).
         layout: "zigzag" (balanced under a causal mask; L a multiple of 2P) or "contiguous"
             (L a multiple of P).
+        backend: the engine whose block kernels compute each step: "fused", "tiled", or "auto"
+            (the first of `selfattn.engines.RING_ORDER` that can run the call). An engine
+            without block kernels ("naive", "sdpa") is a ValueError.
 
     Returns:
         (B, Hq, n, Ev) in q's dtype: this rank's rows of ``selfattn.attention(q_full, k_full,
@@ -112,8 +121,31 @@ def ring_attention(
     check_local_length(q.shape[-2], comm.world_size, layout)
     if comm.world_size > 1:
         _check_same_call(comm, q, k, v, is_causal, scale, layout)
-    ring = _Ring(comm, layout, is_causal, scale)
+    blocks = block_kernels(backend, q, is_causal, scale)
+    ring = _Ring(comm, layout, is_causal, scale, blocks)
     return _RingAttention.apply(q, k, v, ring)
+
+
+def block_kernels(backend: str, q: Tensor, is_causal: bool, scale: float) -> BlockKernels:
+    """The block kernels of ``backend`` (or of the first engine in `RING_ORDER` that can run
+    the call, for "auto"); a ValueError saying why when the named engine cannot."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    request = AttentionRequest(
+        is_causal=is_causal, scale=scale, need_lse=True, device_type=q.device.type, dtype=q.dtype
+    )
+    names = RING_ORDER if backend == "auto" else (backend,)
+    reasons = []
+    for name in names:
+        engine = get_engine(name)  # a ValueError listing the valid names for an unknown one
+        reason = engine.unsupported(request)
+        if engine.blocks is None:
+            valid = ", ".join(repr(n) for n in (*RING_ORDER, "auto"))
+            reason = f"it has no block kernels for ring attention (use one of {valid})"
+        if reason is None:
+            return engine.blocks
+        reasons.append(f"{name}: {reason}")
+    raise ValueError("ring_attention cannot run its blocks on " + "; ".join(reasons))
 
 
 @dataclass(frozen=True)
@@ -124,6 +156,7 @@ class _Ring:
     layout: str
     is_causal: bool
     scale: float
+    blocks: BlockKernels  # the engine's block forward and backward
 
     def pieces(self, step: int, local: int):
         """The block in hand at ``step`` is rank (r - step)'s: the pieces to compute on it."""
@@ -160,7 +193,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor,
         last = step == comm.world_size - 1
         pending = None if last else comm.exchange([k, v], "key/value blocks", _KV)
         for piece in ring.pieces(step, local):
-            o, s = tiled_forward(
+            o, s = ring.blocks.forward(
                 q[:, :, piece.q],  # (B, Hq, rows, E)
                 k[:, :, piece.kv],  # (B, Hkv, keys, E)
                 v[:, :, piece.kv],  # (B, Hkv, keys, Ev)
@@ -200,7 +233,7 @@ def _ring_backward(q, k, v, out, lse, dout, ring: _Ring) -> tuple[Tensor, Tensor
         for piece in ring.pieces(step, local):
             rows = (slice(None), slice(None), piece.q)
             keys = (slice(None), slice(None), piece.kv)
-            dq_p, dk_p, dv_p = tiled_backward(
+            dq_p, dk_p, dv_p = ring.blocks.backward(
                 q[rows],  # (B, Hq, rows, E)
                 k[keys],  # (B, Hkv, keys, E)
                 v[keys],  # (B, Hkv, keys, Ev)
