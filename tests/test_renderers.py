@@ -162,7 +162,9 @@ def test_png_scales_with_tokens_and_rotates_labels():
     from selfattn.explain.png import attention_figure
 
     small = attention_figure(explain_example("causal"))
-    big = attention_figure(long_trace(40, "causal"))
+    tr = long_trace(40, "causal")
+    tr.tokens[3] = "ja"  # DejaVu has no CJK glyphs: keep matplotlib quiet
+    big = attention_figure(tr)
     assert big.get_figwidth() > small.get_figwidth() + 3
     (panel,) = heat_axes(big)
     assert {t.get_rotation() for t in panel.get_xticklabels()} == {90.0}
@@ -414,3 +416,69 @@ def test_png_scores_get_a_scale_per_head_and_long_inputs_thin_their_labels():
     boxes = [t.get_window_extent() for t in panels[0].get_yticklabels() if t.get_text()]
     assert 1 < len(boxes) < 200
     assert all(a.y0 >= b.y1 - 0.5 or b.y0 >= a.y1 - 0.5 for a, b in itertools.pairwise(boxes))
+
+
+# ---- png: nothing drawn on top of anything else ---------------------------------------------
+
+
+def drawn_boxes(fig) -> dict[str, object]:
+    """{name: window bbox} of every separate thing on the figure: the title, the legends, and per
+    axes (heatmaps and colourbars) its frame, title, axis labels and each axis' tick labels as
+    one block (rotated neighbours' boxes may touch, they are one block of text)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    boxes = {f"figure text {t.get_text()!r}": t.get_window_extent(renderer) for t in fig.texts}
+    boxes |= {f"legend {i}": leg.get_window_extent(renderer) for i, leg in enumerate(fig.legends)}
+    for i, ax in enumerate(a for a in fig.axes if a.get_visible() and a.axison):
+        name = f"axes {i} ({ax.get_title() or ax.get_label()})"
+        boxes[f"{name} frame"] = ax.get_window_extent(renderer)
+        parts = {
+            "title": [ax.title],
+            "x label": [ax.xaxis.label],
+            "y label": [ax.yaxis.label],
+            "x tick labels": ax.get_xticklabels(),
+            "y tick labels": ax.get_yticklabels(),
+        }
+        for part, texts in parts.items():
+            shown = [t.get_window_extent(renderer) for t in texts if t.get_text()]
+            if shown:
+                boxes[f"{name} {part}"] = Bbox.union(shown)
+    return boxes
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads", "step", "tokens"),
+    [
+        ("mha", 2, "weights", 6),  # the issue's case: a legend under two key labels
+        ("mha", 4, "weights", 6),
+        ("mha", 4, "scores", 6),  # a colourbar per head
+        ("causal", 1, "weights", 6),
+        ("v2", 1, "weights", 6),  # nothing masked: no legend
+        ("wrapper", 2, "scaled_scores", 30),
+    ],
+)
+def test_png_no_legend_or_text_overlaps_another(kind, heads, step, tokens):
+    need_module("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    tr = explain_example(kind, heads=heads, d_out=4) if tokens == 6 else long_trace(tokens, kind)
+    tr.tokens[3] = "ja"  # DejaVu has no CJK glyphs: keep matplotlib quiet
+    fig = attention_figure(tr, step=step)
+    fig.canvas.draw()
+    boxes = drawn_boxes(fig)
+    assert bool(fig.legends) == tr.masked  # the legend is there exactly when something is masked
+    page = fig.bbox
+    for name, box in boxes.items():  # nothing cut off at the figure's edge
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, name
+        assert page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, name
+    clashes = [
+        f"{a} / {b}"
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes.items(), 2)
+        if min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0) > 0.5
+        and min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0) > 0.5
+    ]
+    assert clashes == []
+    for ax in heat_axes(fig):  # and the cells stay about square
+        frame = ax.get_window_extent()
+        assert 0.8 < frame.width / frame.height < 1.25, ax.get_title()
