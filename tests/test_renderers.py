@@ -110,6 +110,31 @@ def test_walkthrough_with_heatmap_for_every_module_kind(kind):
         assert "head 0" in text and "head 1" in text
 
 
+def test_simple_module_summary_says_what_it_computes():
+    """The simple module has no projections and no scaling: scores = x xᵀ, softmax, weights @ x."""
+    console, out = plain_console(200)
+    render_walkthrough(explain_example("simple"), console)
+    summary = out.getvalue().split("7. Every tensor")[1]
+    for absent in ("W_query", "W_key", "W_value", "sqrt(d_k)", "Q Kᵀ", "@ V"):
+        assert absent not in summary
+    rows = {line.split()[0]: line for line in summary.splitlines() if line.strip()}
+    assert "x xᵀ" in rows["scores"] and "scores unchanged" in rows["scaled_scores"]
+    assert "weights @ x" in rows["context"]
+    console, out = plain_console(200)
+    render_walkthrough(explain_example("v1"), console)  # the others keep their projections
+    assert "x W_query" in out.getvalue().split("7. Every tensor")[1]
+
+
+def test_simple_module_png_title_has_no_scaling():
+    need_module("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    title = attention_figure(explain_example("simple")).texts[0].get_text()
+    assert title.startswith("attention weights  softmax(x xᵀ)") and "√d_k" not in title
+    title = attention_figure(explain_example("v1"), step="scaled_scores").texts[0].get_text()
+    assert "Q Kᵀ / √d_k" in title
+
+
 def test_walkthrough_with_60_tokens_fits_width_80():
     console, out = plain_console(80)
     render_walkthrough(long_trace(60), console)

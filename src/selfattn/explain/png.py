@@ -31,6 +31,11 @@ PNG_STEPS: dict[str, str] = {
     "scores": "raw scores  Q Kᵀ",
     "scaled_scores": "scaled scores  Q Kᵀ / √d_k",
 }
+_SIMPLE_STEPS = {  # --module simple: no projections, no scaling
+    "weights": "attention weights  softmax(x xᵀ)",
+    "scores": "raw scores  x xᵀ",
+    "scaled_scores": "scaled scores  x xᵀ (this first version does not scale)",
+}
 _COLOURBAR_LABELS = {
     "weights": "attention weight (each row sums to 1)",
     "scores": "score (0 = white)",
@@ -310,7 +315,8 @@ def _title(tr: Trace, step: str) -> str:
     where = str(tr.extras.get("model", tr.module))
     if "layer" in tr.extras:
         where += f", layer {tr.extras['layer']}"
-    return f"{PNG_STEPS[step]}\n{where}, {len(tr.tokens)} tokens"
+    what = _SIMPLE_STEPS[step] if tr.module == "SimpleAttention" else PNG_STEPS[step]
+    return f"{what}\n{where}, {len(tr.tokens)} tokens"
 
 
 def _label(token: str) -> str:
