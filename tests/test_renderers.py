@@ -507,3 +507,30 @@ def test_png_no_legend_or_text_overlaps_another(kind, heads, step, tokens):
     for ax in heat_axes(fig):  # and the cells stay about square
         frame = ax.get_window_extent()
         assert 0.8 < frame.width / frame.height < 1.25, ax.get_title()
+
+
+# ---- the import direction -------------------------------------------------------------------
+
+
+def test_explain_never_imports_train():
+    """cli -> (explain | bench | train): `explain --checkpoint` gets its reader of a training
+    run from `selfattn.cli`, so no module of `selfattn.explain` reaches `selfattn.train`, directly
+    or through another module."""
+    from test_import_graph import import_graph
+
+    graph = import_graph()
+    for start in (name for name in graph if name.startswith("selfattn.explain")):
+        seen, todo = {start}, [start]
+        while todo:
+            for target in graph[todo.pop()] - seen:
+                assert not target.startswith("selfattn.train"), f"{start} reaches {target}"
+                seen.add(target)
+                todo.append(target)
+
+
+def test_checkpoint_without_a_reader_of_runs_is_a_type_error(tmp_path):
+    from selfattn.explain.run import ExplainRequest, run_explain
+
+    request = ExplainRequest(checkpoint=str(tmp_path), text="abab")
+    with pytest.raises(TypeError, match="needs checkpoint_traces= for --checkpoint"):
+        run_explain(request)

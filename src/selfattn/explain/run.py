@@ -3,12 +3,17 @@
 Every check that can fail fast (options that do not apply, output paths, optional dependencies,
 a pretrained model's layer and head, the text's length) runs before any tracing. An option that
 does not apply to the run asked for is a ValueError naming the reason (exit 2), never ignored.
+
+``--checkpoint`` reads a `selfattn train` run through the `CheckpointTraces` function its caller
+passes (`selfattn.cli` passes `selfattn.train.traces.trace_run`): explain and train are side by
+side under the CLI, and neither imports the other.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -17,6 +22,10 @@ from selfattn.explain import explain_traces
 from selfattn.explain.jsonout import to_json
 from selfattn.explain.terminal import MAX_PRECISION, make_console, render_walkthrough
 from selfattn.minilm_trace import check_head, check_layer
+from selfattn.trace import Trace
+
+CheckpointTraces = Callable[[str, str], list[Trace]]
+"""(a `selfattn train` run's folder, the text) -> the trained model's traces, one per block."""
 
 MULTI_HEAD_KINDS = ("wrapper", "mha")
 DEFAULT_HEADS = 2
@@ -111,8 +120,14 @@ def check_options(req: ExplainRequest) -> None:
         )
 
 
-def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
-    """Trace what ``req`` names and render it: terminal walkthrough, JSON, PNG and/or HTML."""
+def run_explain(
+    req: ExplainRequest,
+    out: TextIO | None = None,
+    *,
+    checkpoint_traces: CheckpointTraces | None = None,
+) -> None:
+    """Trace what ``req`` names and render it: terminal walkthrough, JSON, PNG and/or HTML.
+    ``checkpoint_traces`` reads the run of ``req.checkpoint``; it is needed only then."""
     out = out or sys.stdout
     check_options(req)
     layer = req.layer or 0
@@ -132,7 +147,7 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
         _check_text_length(req.text)
 
     if req.checkpoint is not None:
-        traces = _checkpoint_traces(req)  # one per block
+        traces = _checkpoint_traces(req, checkpoint_traces)  # one per block
     else:
         traces = explain_traces(
             module=req.module,
@@ -189,12 +204,16 @@ def _checkpoint_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
     ]
 
 
-def _checkpoint_traces(req: ExplainRequest) -> list:
+def _checkpoint_traces(req: ExplainRequest, read: CheckpointTraces | None) -> list[Trace]:
     """The trained GPT of a `selfattn train` run on --text: one trace per block."""
     from selfattn.explain.chapter import add_chapter_steps
-    from selfattn.train.traces import trace_run
 
-    return [add_chapter_steps(tr) for tr in trace_run(req.checkpoint, req.text)]
+    if read is None:
+        raise TypeError(
+            "run_explain needs checkpoint_traces= for --checkpoint, e.g. "
+            "selfattn.train.traces.trace_run; got None"
+        )
+    return [add_chapter_steps(tr) for tr in read(req.checkpoint, req.text)]
 
 
 def _check_text_length(text: str) -> None:
