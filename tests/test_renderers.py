@@ -534,3 +534,15 @@ def test_checkpoint_without_a_reader_of_runs_is_a_type_error(tmp_path):
     request = ExplainRequest(checkpoint=str(tmp_path), text="abab")
     with pytest.raises(TypeError, match="needs checkpoint_traces= for --checkpoint"):
         run_explain(request)
+
+
+def test_png_hatches_each_run_of_masked_cells_once():
+    need_module("matplotlib")
+    from selfattn.explain.png import _masked_runs
+
+    allowed = torch.tensor(
+        [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]], dtype=torch.bool
+    ).numpy()
+    assert _masked_runs(allowed) == [(0, 1, 2), (1, 0, 4), (3, 0, 1), (3, 2, 1)]
+    causal = torch.ones(512, 512, dtype=torch.bool).tril().numpy()
+    assert len(_masked_runs(causal)) == 511  # one run per row but the last, not 130,816 cells
