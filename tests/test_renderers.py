@@ -546,3 +546,15 @@ def test_png_hatches_each_run_of_masked_cells_once():
     assert _masked_runs(allowed) == [(0, 1, 2), (1, 0, 4), (3, 0, 1), (3, 2, 1)]
     causal = torch.ones(512, 512, dtype=torch.bool).tril().numpy()
     assert len(_masked_runs(causal)) == 511  # one run per row but the last, not 130,816 cells
+
+
+def test_make_docs_images_remakes_every_image_in_docs():
+    """`make docs-images` (docs/make_images.py) has a recipe for each image the README shows."""
+    import importlib.util
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    spec = importlib.util.spec_from_file_location("make_images", docs / "make_images.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert set(script.IMAGES) == {path.name for path in docs.glob("*.png")}
