@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test fuzz lint format bench clean
+.PHONY: demo test fuzz lint format bench docs-images clean
 
 demo: $(STAMP)
 	$(BIN)/selfattn explain
@@ -34,6 +34,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engines.py --out docs/bench/engines.txt
+
+# Every image in docs/ (not docs/bench/) from the current code, by the commands the README shows
+# (docs/make_images.py): trains the induction preset (about 20 s) and screenshots the --html page
+# with headless Chromium.
+docs-images: $(STAMP)
+	$(BIN)/python docs/make_images.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

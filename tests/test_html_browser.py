@@ -310,3 +310,25 @@ def test_a_long_page_keeps_labels_apart_and_disabled_steps_look_disabled(
     assert browser.js("window.selfattnPage.state.step") == "weights"  # the click did nothing
     assert style[:3] == [True, "not-allowed", "none"] and style[3] != enabled
     assert browser.errors() == []
+
+
+def test_simple_module_page_says_what_it_computes(browser, tmp_path):
+    """--module simple has no projections and no scaling: scores = x xᵀ, context = weights · x."""
+    path = tmp_path / "simple.html"
+    write_html(explain_example("simple"), path)
+    browser.open(path)
+    said = {}
+    for step in ("qkv", "scores", "scaled_scores", "weights", "context"):
+        browser.js(f"document.querySelector('#steps button[data-step=\"{step}\"]').click()")
+        said[step] = browser.js(
+            "document.getElementById('step-title').textContent + ' | ' + "
+            "document.getElementById('step-text').textContent + ' | ' + "
+            "[...document.querySelectorAll('#panels h3, #panels .name')]"
+            ".map(e => e.textContent).join(' ')"
+        )
+    for step, text in said.items():
+        for wrong in ("W", "√d_k", "Q Kᵀ", "learned", "· V"):
+            assert wrong not in text.replace("Weights", "").replace("weights", ""), (step, text)
+    assert "x xᵀ" in said["scores"] and "x xᵀ" in said["weights"]
+    assert "weights · x" in said["context"]
+    assert browser.errors() == []

@@ -110,6 +110,31 @@ def test_walkthrough_with_heatmap_for_every_module_kind(kind):
         assert "head 0" in text and "head 1" in text
 
 
+def test_simple_module_summary_says_what_it_computes():
+    """The simple module has no projections and no scaling: scores = x xᵀ, softmax, weights @ x."""
+    console, out = plain_console(200)
+    render_walkthrough(explain_example("simple"), console)
+    summary = out.getvalue().split("7. Every tensor")[1]
+    for absent in ("W_query", "W_key", "W_value", "sqrt(d_k)", "Q Kᵀ", "@ V"):
+        assert absent not in summary
+    rows = {line.split()[0]: line for line in summary.splitlines() if line.strip()}
+    assert "x xᵀ" in rows["scores"] and "scores unchanged" in rows["scaled_scores"]
+    assert "weights @ x" in rows["context"]
+    console, out = plain_console(200)
+    render_walkthrough(explain_example("v1"), console)  # the others keep their projections
+    assert "x W_query" in out.getvalue().split("7. Every tensor")[1]
+
+
+def test_simple_module_png_title_has_no_scaling():
+    need_module("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    title = attention_figure(explain_example("simple")).texts[0].get_text()
+    assert title.startswith("attention weights  softmax(x xᵀ)") and "√d_k" not in title
+    title = attention_figure(explain_example("v1"), step="scaled_scores").texts[0].get_text()
+    assert "Q Kᵀ / √d_k" in title
+
+
 def test_walkthrough_with_60_tokens_fits_width_80():
     console, out = plain_console(80)
     render_walkthrough(long_trace(60), console)
@@ -162,7 +187,9 @@ def test_png_scales_with_tokens_and_rotates_labels():
     from selfattn.explain.png import attention_figure
 
     small = attention_figure(explain_example("causal"))
-    big = attention_figure(long_trace(40, "causal"))
+    tr = long_trace(40, "causal")
+    tr.tokens[3] = "ja"  # DejaVu has no CJK glyphs: keep matplotlib quiet
+    big = attention_figure(tr)
     assert big.get_figwidth() > small.get_figwidth() + 3
     (panel,) = heat_axes(big)
     assert {t.get_rotation() for t in panel.get_xticklabels()} == {90.0}
@@ -414,3 +441,120 @@ def test_png_scores_get_a_scale_per_head_and_long_inputs_thin_their_labels():
     boxes = [t.get_window_extent() for t in panels[0].get_yticklabels() if t.get_text()]
     assert 1 < len(boxes) < 200
     assert all(a.y0 >= b.y1 - 0.5 or b.y0 >= a.y1 - 0.5 for a, b in itertools.pairwise(boxes))
+
+
+# ---- png: nothing drawn on top of anything else ---------------------------------------------
+
+
+def drawn_boxes(fig) -> dict[str, object]:
+    """{name: window bbox} of every separate thing on the figure: the title, the legends, and per
+    axes (heatmaps and colourbars) its frame, title, axis labels and each axis' tick labels as
+    one block (rotated neighbours' boxes may touch, they are one block of text)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    boxes = {f"figure text {t.get_text()!r}": t.get_window_extent(renderer) for t in fig.texts}
+    boxes |= {f"legend {i}": leg.get_window_extent(renderer) for i, leg in enumerate(fig.legends)}
+    for i, ax in enumerate(a for a in fig.axes if a.get_visible() and a.axison):
+        name = f"axes {i} ({ax.get_title() or ax.get_label()})"
+        boxes[f"{name} frame"] = ax.get_window_extent(renderer)
+        parts = {
+            "title": [ax.title],
+            "x label": [ax.xaxis.label],
+            "y label": [ax.yaxis.label],
+            "x tick labels": ax.get_xticklabels(),
+            "y tick labels": ax.get_yticklabels(),
+        }
+        for part, texts in parts.items():
+            shown = [t.get_window_extent(renderer) for t in texts if t.get_text()]
+            if shown:
+                boxes[f"{name} {part}"] = Bbox.union(shown)
+    return boxes
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads", "step", "tokens"),
+    [
+        ("mha", 2, "weights", 6),  # the issue's case: a legend under two key labels
+        ("mha", 4, "weights", 6),
+        ("mha", 4, "scores", 6),  # a colourbar per head
+        ("causal", 1, "weights", 6),
+        ("v2", 1, "weights", 6),  # nothing masked: no legend
+        ("wrapper", 2, "scaled_scores", 30),
+    ],
+)
+def test_png_no_legend_or_text_overlaps_another(kind, heads, step, tokens):
+    need_module("matplotlib")
+    from selfattn.explain.png import attention_figure
+
+    tr = explain_example(kind, heads=heads, d_out=4) if tokens == 6 else long_trace(tokens, kind)
+    tr.tokens[3] = "ja"  # DejaVu has no CJK glyphs: keep matplotlib quiet
+    fig = attention_figure(tr, step=step)
+    fig.canvas.draw()
+    boxes = drawn_boxes(fig)
+    assert bool(fig.legends) == tr.masked  # the legend is there exactly when something is masked
+    page = fig.bbox
+    for name, box in boxes.items():  # nothing cut off at the figure's edge
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, name
+        assert page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, name
+    clashes = [
+        f"{a} / {b}"
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes.items(), 2)
+        if min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0) > 0.5
+        and min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0) > 0.5
+    ]
+    assert clashes == []
+    for ax in heat_axes(fig):  # and the cells stay about square
+        frame = ax.get_window_extent()
+        assert 0.8 < frame.width / frame.height < 1.25, ax.get_title()
+
+
+# ---- the import direction -------------------------------------------------------------------
+
+
+def test_explain_never_imports_train():
+    """cli -> (explain | bench | train): `explain --checkpoint` gets its reader of a training
+    run from `selfattn.cli`, so no module of `selfattn.explain` reaches `selfattn.train`, directly
+    or through another module."""
+    from test_import_graph import import_graph
+
+    graph = import_graph()
+    for start in (name for name in graph if name.startswith("selfattn.explain")):
+        seen, todo = {start}, [start]
+        while todo:
+            for target in graph[todo.pop()] - seen:
+                assert not target.startswith("selfattn.train"), f"{start} reaches {target}"
+                seen.add(target)
+                todo.append(target)
+
+
+def test_checkpoint_without_a_reader_of_runs_is_a_type_error(tmp_path):
+    from selfattn.explain.run import ExplainRequest, run_explain
+
+    request = ExplainRequest(checkpoint=str(tmp_path), text="abab")
+    with pytest.raises(TypeError, match="needs checkpoint_traces= for --checkpoint"):
+        run_explain(request)
+
+
+def test_png_hatches_each_run_of_masked_cells_once():
+    need_module("matplotlib")
+    from selfattn.explain.png import _masked_runs
+
+    allowed = torch.tensor(
+        [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]], dtype=torch.bool
+    ).numpy()
+    assert _masked_runs(allowed) == [(0, 1, 2), (1, 0, 4), (3, 0, 1), (3, 2, 1)]
+    causal = torch.ones(512, 512, dtype=torch.bool).tril().numpy()
+    assert len(_masked_runs(causal)) == 511  # one run per row but the last, not 130,816 cells
+
+
+def test_make_docs_images_remakes_every_image_in_docs():
+    """`make docs-images` (docs/make_images.py) has a recipe for each image the README shows."""
+    import importlib.util
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    spec = importlib.util.spec_from_file_location("make_images", docs / "make_images.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert set(script.IMAGES) == {path.name for path in docs.glob("*.png")}

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from selfattn.explain.cli import add_explain_parser
 
-    add_explain_parser(sub)
+    add_explain_parser(sub, checkpoint_traces=_training_run_traces)
 
     from selfattn.bench.cli import add_bench_parser
 
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
     return parser
+
+
+def _training_run_traces(run_dir: str, text: str) -> list:
+    """`selfattn explain --checkpoint DIR --text ...`: the run's trained GPT on the text, one
+    trace per block. Here, above both explain and train, so that neither imports the other."""
+    from selfattn.train.traces import trace_run
+
+    return trace_run(run_dir, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

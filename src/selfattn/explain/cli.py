@@ -7,15 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from selfattn._argtypes import non_negative_int, positive_int, probability, seed
-from selfattn.explain.run import precision
+from selfattn.explain.run import CheckpointTraces, precision
 from selfattn.module_kinds import MODULE_KINDS
 
 
-def add_explain_parser(sub) -> None:
+def add_explain_parser(sub, *, checkpoint_traces: CheckpointTraces | None = None) -> None:
     """The ``explain`` sub-command: what to run (`_what_to_run`), its settings (`_settings`) and
-    what to show (`_outputs`)."""
+    what to show (`_outputs`). ``checkpoint_traces`` reads a training run for --checkpoint (see
+    `selfattn.explain.run`)."""
     ex = sub.add_parser(
         "explain",
         help="walk through the attention computation step by step",
@@ -27,7 +29,7 @@ def add_explain_parser(sub) -> None:
     _what_to_run(ex)
     _settings(ex)
     _outputs(ex)
-    ex.set_defaults(run=run)
+    ex.set_defaults(run=functools.partial(run, checkpoint_traces=checkpoint_traces))
 
 
 def _what_to_run(ex: argparse.ArgumentParser) -> None:
@@ -132,9 +134,10 @@ def _outputs(ex: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, checkpoint_traces: CheckpointTraces | None = None) -> int:
     from selfattn.explain.run import ExplainRequest, run_explain
 
     fields = ExplainRequest.__dataclass_fields__
-    run_explain(ExplainRequest(**{name: getattr(args, name) for name in fields}))
+    request = ExplainRequest(**{name: getattr(args, name) for name in fields})
+    run_explain(request, checkpoint_traces=checkpoint_traces)
     return 0

@@ -220,6 +220,7 @@ def _layer_data(tr: Trace, index: int, *, full: bool) -> dict[str, Any]:
         "num_heads": tr.num_heads,
         "d_k": tr.d_k,
         "scale": tr.scale,
+        "simple": tr.module == "SimpleAttention",  # no projections, no scaling
         "causal": masked,
         "complete": full,
         # (H, L, L) as H lists of L strings of "1" (may attend) / "0" (masked)
@@ -423,6 +424,13 @@ function (root) {
     { id: "context", label: "context", title: "Context vectors  weights · V" },
     { id: "output", label: "out_proj", title: "Output  out_proj(heads merged)" },
   ];
+  // --module simple, the chapter's first attention: Q = K = V = x and no scaling
+  const SIMPLE_TITLES = {
+    scores: "Attention scores  x xᵀ",
+    scaled_scores: "Scores, not scaled  x xᵀ",
+    weights: "Attention weights  softmax(x xᵀ)",
+    context: "Context vectors  weights · x",
+  };
   const state = Object.assign({}, DATA.initial);
   const tip = root.getElementById("tip");
   const tokens = DATA.tokens;
@@ -645,12 +653,25 @@ function (root) {
       diverging: diverging, masked: true, tipFor: pairTip(label, extra) };
   }
 
+  const SIMPLE_TEXTS = {
+    qkv: "No projections yet: this first version has no trainable weights, so every token's "
+      + "query, key and value are its input x itself (Q = K = V = x).",
+    scores: "<b>x xᵀ</b>: row i, column j is the dot product of token i with token j, how "
+      + "similar they are. Blue is negative, red positive.",
+    scaled_scores: "Not scaled: this first version feeds the raw scores x xᵀ straight to the "
+      + "softmax; the later modules scale them first.",
+    weights: "<b>softmax</b> of each row of x xᵀ: the attention weights. Each lies between 0 "
+      + "and 1 and each row sums to 1.",
+    context: "<b>weights · x</b>: each token's context vector is the weighted average of the "
+      + "input rows, weighted by its row of attention weights.",
+  };
   function explanation(step) {
     const L = tokens.length, lay = layer(), dk = lay.d_k;
     const sq = Math.sqrt(dk).toFixed(2);
     const masked = lay.causal ? " Hatched cells are masked: a query may not look at those keys "
       + "(for a causal module, the future tokens)." : "";
     const dIn = lay.steps.inputs ? lay.steps.inputs[0].length : "d_in";
+    if (lay.simple && SIMPLE_TEXTS[step]) return SIMPLE_TEXTS[step] + masked;
     return {
       inputs: "<b>x</b>: one embedding vector per token, " + L + " × " + dIn + ". Everything "
         + "below is computed from these rows.",
@@ -684,8 +705,11 @@ function (root) {
     if (step === "qkv") {
       return [vectors("queries", "Q"), vectors("keys", "K"), vectors("values", "V")];
     }
-    if (step === "scores") return [squares("scores", "Q Kᵀ", true)];
-    if (step === "scaled_scores") return [squares("scaled_scores", "Q Kᵀ / √d_k", true)];
+    const simple = layer().simple;
+    if (step === "scores") return [squares("scores", simple ? "x xᵀ" : "Q Kᵀ", true)];
+    if (step === "scaled_scores") {
+      return [squares("scaled_scores", simple ? "x xᵀ, not scaled" : "Q Kᵀ / √d_k", true)];
+    }
     if (step === "weights") {
       return [squares("weights", "weight", false, (i) =>
         ["row " + i + " sums to " + fmt(headOf("weights")[i].reduce((a, b) => a + b, 0), 3)])];
@@ -841,7 +865,8 @@ function (root) {
       b.disabled = !available(b.dataset.step);
     });
     const step = STEPS.find((s) => s.id === state.step);
-    root.getElementById("step-title").textContent = step.title
+    root.getElementById("step-title").textContent
+      = (lay.simple && SIMPLE_TITLES[step.id]) || step.title
       + (lay.num_heads > 1 && step.id !== "inputs" && step.id !== "output"
         ? " — head " + state.head : "")
       + (DATA.layers.length > 1 ? " — " + lay.label : "");

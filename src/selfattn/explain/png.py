@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from selfattn._extras import require
@@ -29,6 +30,11 @@ PNG_STEPS: dict[str, str] = {
     "weights": "attention weights  softmax(Q Kᵀ / √d_k)",
     "scores": "raw scores  Q Kᵀ",
     "scaled_scores": "scaled scores  Q Kᵀ / √d_k",
+}
+_SIMPLE_STEPS = {  # --module simple: no projections, no scaling
+    "weights": "attention weights  softmax(x xᵀ)",
+    "scores": "raw scores  x xᵀ",
+    "scaled_scores": "scaled scores  x xᵀ (this first version does not scale)",
 }
 _COLOURBAR_LABELS = {
     "weights": "attention weight (each row sums to 1)",
@@ -83,14 +89,7 @@ def attention_figure(
     out the others. Tick labels are thinned to every k-th token when they would overlap, and
     the title says so. Raises `selfattn._extras.MissingExtra` when matplotlib is not installed.
     """
-    if step not in PNG_STEPS:
-        raise ValueError(f"unknown step {step!r} for --png; expected one of {', '.join(PNG_STEPS)}")
-    n_heads = tr.num_heads
-    heads = list(range(n_heads)) if heads is None else list(heads)
-    for h in heads:
-        if not 0 <= h < n_heads:
-            raise ValueError(f"head {h} is out of range: this trace has heads 0..{n_heads - 1}")
-
+    heads = _checked_heads(tr, step, heads)
     require("matplotlib", "plot", "--png")
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -101,47 +100,100 @@ def attention_figure(
     allowed = (
         np.ones(values.shape, dtype=bool) if mask is None else mask[heads].numpy()
     )  # (h, L, L), True = may attend
-    length = values.shape[-1]
-
-    n_cols = min(len(heads), 4)
-    n_rows = math.ceil(len(heads) / n_cols)
-    panel = min(max(1.2 + 0.2 * length, 3.4), 9.0)  # inches per panel: ~0.2 in per token
-    font = 9 if length <= 20 else 7 if length <= 40 else 6
-    every = _label_every(length, panel, font)
     labels = [_label(t) for t in tr.tokens]
-    label_room = 0.08 * font / 7 * max(len(t) for t in labels) + 0.6  # room for the labels
-    per_head_bar = step != "weights" and len(heads) > 1
-    fig = Figure(
-        figsize=(
-            n_cols * (panel + label_room + (1.0 if per_head_bar else 0.0)) + 1.2,
-            n_rows * (panel + label_room) + 1.0,
-        ),
-        layout="constrained",
-    )
+    grid = _Grid.of(len(heads), labels, per_head_bar=step != "weights" and len(heads) > 1)
+    fig = Figure(figsize=grid.figsize(masked=not allowed.all()), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    for ax in axes.flat[len(heads) :]:
-        ax.set_axis_off()
-    used = list(axes.flat[: len(heads)])
-    image = None
-    for k, ax in enumerate(used):
-        cmap, norm = _scale(step, values[k], allowed[k])
-        outer = (k % n_cols == 0, k + n_cols >= len(heads))  # (left column, bottom row)
-        image = _panel(ax, values[k], allowed[k], cmap, norm, labels, every, font, outer)
-        if n_heads > 1:
-            ax.set_title(f"head {heads[k]}", fontsize=11)
-        if per_head_bar:
-            fig.colorbar(image, ax=ax, shrink=0.8).set_label(_COLOURBAR_LABELS[step], fontsize=8)
-    if not per_head_bar:
-        bar = fig.colorbar(image, ax=used, shrink=min(0.9, 0.5 + 0.1 * n_rows))
-        bar.set_label(_COLOURBAR_LABELS[step])
+    names = [f"head {h}" if tr.num_heads > 1 else "" for h in heads]
+    _draw_panels(fig, grid, step, values, allowed, labels, names)
     title = _title(tr, step)
-    if every > 1:
-        title += f" (every {_ordinal(every)} token labelled)"
+    if grid.every > 1:
+        title += f" (every {_ordinal(grid.every)} token labelled)"
     fig.suptitle(title, fontsize=12)
     if not allowed.all():
         _masked_legend(fig)
+    _square_cells(fig, grid.n_cols)
     return fig
+
+
+def _checked_heads(tr: Trace, step: str, heads: Sequence[int] | None) -> list[int]:
+    """``heads`` (default: all of ``tr``'s) as a list, after checking it and ``step``."""
+    if step not in PNG_STEPS:
+        raise ValueError(f"unknown step {step!r} for --png; expected one of {', '.join(PNG_STEPS)}")
+    n_heads = tr.num_heads
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    for h in heads:
+        if not 0 <= h < n_heads:
+            raise ValueError(f"head {h} is out of range: this trace has heads 0..{n_heads - 1}")
+    return heads
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """How the panels are laid out, all sizes in inches: up to four panels a row, each
+    ``panel`` square; only the left column names the queries, only the bottom row the keys."""
+
+    n_panels: int
+    n_cols: int
+    n_rows: int
+    panel: float  # a heatmap's side: ~0.2 in per token, 3.4 to 9
+    font: float  # tick labels' size in points
+    every: int  # label every k-th token
+    label_room: float  # room for the longest tick label, beside or below a panel
+    per_head_bar: bool  # a colourbar beside each panel, or one for all
+
+    @classmethod
+    def of(cls, n_panels: int, labels: list[str], *, per_head_bar: bool) -> _Grid:
+        length = len(labels)
+        n_cols = min(n_panels, 4)
+        panel = min(max(1.2 + 0.2 * length, 3.4), 9.0)
+        font = 9 if length <= 20 else 7 if length <= 40 else 6
+        label_room = 0.08 * font / 7 * max(len(t) for t in labels) + 0.3
+        every = _label_every(length, panel, font)
+        rows = math.ceil(n_panels / n_cols)
+        return cls(n_panels, n_cols, rows, panel, font, every, label_room, per_head_bar)
+
+    def figsize(self, *, masked: bool) -> tuple[float, float]:
+        """(width, height): the panels plus their labels, titles, colourbars and legend, so
+        that the constrained layout leaves each panel about square."""
+        beside = 1.4 if self.per_head_bar else 0.4  # a panel's own colourbar, or a gap
+        width = 0.45 + self.label_room + self.n_cols * (self.panel + beside)
+        width += 0.0 if self.per_head_bar else 1.0  # the shared colourbar
+        title = 0.3 if self.n_panels > 1 else 0.05  # "head k" over each panel
+        height = 0.75 + self.n_rows * (self.panel + title) + self.label_room + 0.35
+        return width, height + (0.35 if masked else 0.0)  # the legend under everything
+
+
+def _draw_panels(fig, grid: _Grid, step, values, allowed, labels, names) -> None:
+    """The heatmaps (values and allowed: (h, L, L)) and their colourbars on ``fig``."""
+    axes = fig.subplots(grid.n_rows, grid.n_cols, squeeze=False)
+    for ax in axes.flat[grid.n_panels :]:
+        ax.set_axis_off()
+    used = list(axes.flat[: grid.n_panels])
+    image = None
+    for k, ax in enumerate(used):
+        cmap, norm = _scale(step, values[k], allowed[k])
+        outer = (k % grid.n_cols == 0, k + grid.n_cols >= grid.n_panels)  # (left col, bottom row)
+        image = _panel(ax, values[k], allowed[k], cmap, norm, labels, grid.every, grid.font, outer)
+        if names[k]:
+            ax.set_title(names[k], fontsize=11)
+        if grid.per_head_bar:
+            fig.colorbar(image, ax=ax, shrink=0.8).set_label(_COLOURBAR_LABELS[step], fontsize=8)
+    if not grid.per_head_bar:
+        bar = fig.colorbar(image, ax=used, shrink=min(0.9, 0.5 + 0.1 * grid.n_rows))
+        bar.set_label(_COLOURBAR_LABELS[step])
+
+
+def _square_cells(fig, n_cols: int, passes: int = 2) -> None:
+    """Widen or narrow ``fig`` until the constrained layout leaves its panels about square:
+    `_Grid.figsize` is a first guess, the layout (text measured, nothing drawn) says how far
+    off it is."""
+    panel = next(ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>")
+    for _ in range(passes):
+        fig.get_layout_engine().execute(fig)
+        width, height = fig.get_size_inches()
+        box = panel.get_position()  # figure fractions
+        fig.set_figwidth(width + n_cols * (box.height * height - box.width * width))
 
 
 def _scale(step: str, values, allowed):
@@ -167,11 +219,11 @@ def _panel(ax, values, allowed, cmap, norm, labels, every, font, outer=(True, Tr
 
     length = values.shape[-1]
     shown = np.ma.masked_array(values, mask=~allowed)  # masked cells use "bad"
-    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
+    # aspect "auto": a fixed aspect makes the constrained layout misplace the labels, so the
+    # figure is sized for square cells instead (`_Grid.figsize`)
+    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto")
     if not allowed.all():
-        cells = [
-            Rectangle((j - 0.5, i - 0.5), 1, 1) for i, j in zip(*np.nonzero(~allowed), strict=True)
-        ]
+        cells = [Rectangle((j - 0.5, i - 0.5), n, 1) for i, j, n in _masked_runs(allowed)]
         ax.add_collection(
             PatchCollection(
                 cells, facecolor="none", edgecolor=_MASKED_HATCH, hatch="///", linewidth=0
@@ -199,6 +251,19 @@ def _panel(ax, values, allowed, cmap, norm, labels, every, font, outer=(True, Tr
     if left:
         ax.set_ylabel("query (attending)")
     return image
+
+
+def _masked_runs(allowed) -> list[tuple[int, int, int]]:
+    """(row, first column, length) of every run of masked cells along a row of ``allowed``
+    (L, S): one hatched rectangle per run, not per cell (a causal 512-token panel: 512, not
+    130,816, which took matplotlib seconds to draw)."""
+    import numpy as np
+
+    hidden = np.pad(~allowed, ((0, 0), (1, 1))).astype(np.int8)  # (L, S + 2), False at both ends
+    edges = np.diff(hidden, axis=1)  # (L, S + 1): +1 where a run starts, -1 just after it ends
+    rows, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)  # row-major order: the k-th end closes the k-th start
+    return list(zip(rows.tolist(), starts.tolist(), (ends - starts).tolist(), strict=True))
 
 
 def _masked_legend(fig) -> None:
@@ -261,7 +326,8 @@ def _title(tr: Trace, step: str) -> str:
     where = str(tr.extras.get("model", tr.module))
     if "layer" in tr.extras:
         where += f", layer {tr.extras['layer']}"
-    return f"{PNG_STEPS[step]}\n{where}, {len(tr.tokens)} tokens"
+    what = _SIMPLE_STEPS[step] if tr.module == "SimpleAttention" else PNG_STEPS[step]
+    return f"{what}\n{where}, {len(tr.tokens)} tokens"
 
 
 def _label(token: str) -> str:

@@ -3,12 +3,17 @@
 Every check that can fail fast (options that do not apply, output paths, optional dependencies,
 a pretrained model's layer and head, the text's length) runs before any tracing. An option that
 does not apply to the run asked for is a ValueError naming the reason (exit 2), never ignored.
+
+``--checkpoint`` reads a `selfattn train` run through the `CheckpointTraces` function its caller
+passes (`selfattn.cli` passes `selfattn.train.traces.trace_run`): explain and train are side by
+side under the CLI, and neither imports the other.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -17,6 +22,10 @@ from selfattn.explain import explain_traces
 from selfattn.explain.jsonout import to_json
 from selfattn.explain.terminal import MAX_PRECISION, make_console, render_walkthrough
 from selfattn.minilm_trace import check_head, check_layer
+from selfattn.trace import Trace
+
+CheckpointTraces = Callable[[str, str], list[Trace]]
+"""(a `selfattn train` run's folder, the text) -> the trained model's traces, one per block."""
 
 MULTI_HEAD_KINDS = ("wrapper", "mha")
 DEFAULT_HEADS = 2
@@ -111,59 +120,27 @@ def check_options(req: ExplainRequest) -> None:
         )
 
 
-def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
-    """Trace what ``req`` names and render it: terminal walkthrough, JSON, PNG and/or HTML."""
+def run_explain(
+    req: ExplainRequest,
+    out: TextIO | None = None,
+    *,
+    checkpoint_traces: CheckpointTraces | None = None,
+) -> None:
+    """Trace what ``req`` names and render it: terminal walkthrough, JSON, PNG and/or HTML.
+    ``checkpoint_traces`` reads the run of ``req.checkpoint``; it is needed only then."""
     out = out or sys.stdout
-    check_options(req)
+    check_before_tracing(req)
+    traces = _traces(req, checkpoint_traces)  # one per layer (a module: one)
     layer = req.layer or 0
-    step = req.step or "weights"
-    for flag, path in (("--png", req.png), ("--html", req.html)):
-        if path is not None:
-            check_writable(flag, path)
-    if req.png is not None:
-        from selfattn._extras import require
-
-        require("matplotlib", "plot", "--png")
-    if req.model == "minilm":  # before the model runs: its sizes are known
-        check_layer(layer)
-        if req.head is not None:
-            check_head(req.head)
-    if req.text is not None and not req.truncate and req.checkpoint is None:
-        _check_text_length(req.text)
-
-    if req.checkpoint is not None:
-        traces = _checkpoint_traces(req)  # one per block
-    else:
-        traces = explain_traces(
-            module=req.module,
-            model=req.model,
-            text=req.text,
-            seed=req.seed,
-            d_out=req.d_out,
-            heads=DEFAULT_HEADS if req.heads is None else req.heads,
-            truncate=req.truncate,
-            dropout=req.dropout or 0.0,
-        )  # one per layer
     _check_index("--layer", layer, len(traces), "layers")
-    tr = traces[layer]
     if req.head is not None:
-        _check_index("--head", req.head, tr.num_heads, "heads")
+        _check_index("--head", req.head, traces[layer].num_heads, "heads")
+    said = sys.stderr if req.json else out  # keep stdout pure JSON under --json
+    _write_files(req, traces, layer, said)
+    tr = traces[layer]
     # a pretrained model has 12 heads: its walkthrough and JSON show one unless told otherwise
     trained = req.model is not None or req.checkpoint is not None
     one_head = req.head if req.head is not None or not trained else 0
-
-    said = sys.stderr if req.json else out  # keep stdout pure JSON under --json
-    if req.png is not None:
-        from selfattn.explain.png import render_png
-
-        heads = None if req.head is None else [req.head]
-        render_png(tr, req.png, step=step, heads=heads)
-        print(f"wrote {req.png}: {step}, {_count(heads, tr.num_heads)}", file=said)
-    if req.html is not None:
-        from selfattn.explain.html import write_html
-
-        write_html(traces, req.html, layer=layer, head=req.head or 0, step=step)
-        print(f"wrote {req.html}: open it in a browser (works offline)", file=said)
     if one_head is not None:
         tr = tr.select_head(one_head)
     if req.json:
@@ -172,6 +149,57 @@ def run_explain(req: ExplainRequest, out: TextIO | None = None) -> None:
     elif req.png is None and req.html is None:
         decimals = DEFAULT_PRECISION if req.precision is None else req.precision
         render_walkthrough(tr, make_console(file=out), precision=decimals)
+
+
+def check_before_tracing(req: ExplainRequest) -> None:
+    """Everything that can be refused before a model runs: the options (`check_options`), the
+    output paths, the plot extra, MiniLM's layer and head, the text's length."""
+    check_options(req)
+    for flag, path in (("--png", req.png), ("--html", req.html)):
+        if path is not None:
+            check_writable(flag, path)
+    if req.png is not None:
+        from selfattn._extras import require
+
+        require("matplotlib", "plot", "--png")
+    if req.model == "minilm":  # its sizes are known without running it
+        check_layer(req.layer or 0)
+        if req.head is not None:
+            check_head(req.head)
+    if req.text is not None and not req.truncate and req.checkpoint is None:
+        _check_text_length(req.text)
+
+
+def _traces(req: ExplainRequest, checkpoint_traces: CheckpointTraces | None) -> list[Trace]:
+    """What ``req`` asks to trace: a training run's blocks, MiniLM's layers, or one module."""
+    if req.checkpoint is not None:
+        return _checkpoint_traces(req, checkpoint_traces)
+    return explain_traces(
+        module=req.module,
+        model=req.model,
+        text=req.text,
+        seed=req.seed,
+        d_out=req.d_out,
+        heads=DEFAULT_HEADS if req.heads is None else req.heads,
+        truncate=req.truncate,
+        dropout=req.dropout or 0.0,
+    )
+
+
+def _write_files(req: ExplainRequest, traces: list[Trace], layer: int, said: TextIO) -> None:
+    """--png (the layer's heads, or --head) and --html (every layer), each said on ``said``."""
+    step = req.step or "weights"
+    if req.png is not None:
+        from selfattn.explain.png import render_png
+
+        heads = None if req.head is None else [req.head]
+        render_png(traces[layer], req.png, step=step, heads=heads)
+        print(f"wrote {req.png}: {step}, {_count(heads, traces[layer].num_heads)}", file=said)
+    if req.html is not None:
+        from selfattn.explain.html import write_html
+
+        write_html(traces, req.html, layer=layer, head=req.head or 0, step=step)
+        print(f"wrote {req.html}: open it in a browser (works offline)", file=said)
 
 
 def _checkpoint_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
@@ -189,12 +217,16 @@ def _checkpoint_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
     ]
 
 
-def _checkpoint_traces(req: ExplainRequest) -> list:
+def _checkpoint_traces(req: ExplainRequest, read: CheckpointTraces | None) -> list[Trace]:
     """The trained GPT of a `selfattn train` run on --text: one trace per block."""
     from selfattn.explain.chapter import add_chapter_steps
-    from selfattn.train.traces import trace_run
 
-    return [add_chapter_steps(tr) for tr in trace_run(req.checkpoint, req.text)]
+    if read is None:
+        raise TypeError(
+            "run_explain needs checkpoint_traces= for --checkpoint, e.g. "
+            "selfattn.train.traces.trace_run; got None"
+        )
+    return [add_chapter_steps(tr) for tr in read(req.checkpoint, req.text)]
 
 
 def _check_text_length(text: str) -> None:

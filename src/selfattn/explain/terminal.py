@@ -32,6 +32,17 @@ MAX_PRECISION = 8
 _MAX_ROW_LABEL = 16  # row labels (tokens) are cut to this many cells, with "…"
 _MAX_COL_LABEL = 8  # a column header is at most this wide, or as wide as its numbers
 _MASK_CELLS = {True: "✓", False: "·"}
+# The chapter's first attention (--module simple) has no projections and no scaling: every token
+# is its own query, key and value, scores = x xᵀ, weights = softmax(scores), context = weights x.
+SIMPLE_MEANINGS = {
+    **STEP_MEANINGS,
+    "queries": "x itself: this first version has no projections",
+    "keys": "x itself, matched against each query",
+    "values": "x itself, mixed by the weights",
+    "scores": "x xᵀ: each token's dot product with every token",
+    "scaled_scores": "the scores unchanged: this first version does not scale them",
+    "context": "weights @ x: each token's weighted mix of the inputs",
+}
 _BHLD = "(b, num_heads, num_tokens, head_dim)"
 _BLHD = "(b, num_tokens, num_heads, head_dim)"
 
@@ -186,6 +197,7 @@ class _Walkthrough:
         self.tr, self.console, self.precision = tr, console, precision
         self.steps = visible_steps(tr)
         self.simple = tr.module == "SimpleAttention"
+        self.meanings = SIMPLE_MEANINGS if self.simple else STEP_MEANINGS
 
     def say(self, text: str, style: str = "") -> None:
         self.console.print(Text(text, style=style))
@@ -273,7 +285,7 @@ class _Walkthrough:
             return
         self.say("\n2. queries, keys, values: three projections of the same inputs", "bold cyan")
         for name in ("queries", "keys", "values"):
-            self.show(name, "  ", _sentence(STEP_MEANINGS[name]))
+            self.show(name, "  ", _sentence(self.meanings[name]))
 
     def split(self) -> None:
         """2b: how one projection becomes H heads, with the chapter's view and transpose."""
@@ -411,7 +423,7 @@ class _Walkthrough:
                 "output = self.out_proj(context_vec): a Linear(d_out, d_out) that mixes the "
                 "merged heads; this is what the module returns."
             )
-        return _sentence(STEP_MEANINGS["output"])
+        return _sentence(self.meanings["output"])
 
     def summary(self) -> None:
         tr = self.tr
@@ -424,7 +436,7 @@ class _Walkthrough:
         summary.add_column("shape", no_wrap=True)
         summary.add_column("meaning")
         for name in self.steps:
-            summary.add_row(name, _shape(step_tensor(tr, name)), STEP_MEANINGS[name])
+            summary.add_row(name, _shape(step_tensor(tr, name)), self.meanings[name])
         self.console.print(summary)
         legend = f"seq_len = {len(tr.tokens)}, d_k = {tr.d_k}"
         if tr.num_heads > 1:
