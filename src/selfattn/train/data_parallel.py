@@ -186,25 +186,44 @@ class DataParallel:
                     raise self.failure(err) from err
 
     def _wait_for_main(self, store, prefix: str, interrupted: Callable[[], bool]) -> None:
-        seen, moved = -1, time.monotonic()
-        while not interrupted():
-            try:
-                status = store.add(f"{prefix}/done", 0)  # add 0: read without blocking
-                beats = store.add(f"{prefix}/beats", 0)
-            except RuntimeError as err:  # rank 0 held the store and died
-                raise self.failure(err) from err
-            if status == _SOLO_OK:
-                return
-            if status == _SOLO_FAILED:
-                raise PeerFailure(
-                    f"rank {self.rank} of {self.world_size}: rank 0 failed while writing the "
-                    "run's files alone; stopping"
-                )
-            if beats != seen:
-                seen, moved = beats, time.monotonic()
-            elif time.monotonic() - moved > self.timeout_s:
-                raise self.failure(TimeoutError(f"no beat from rank 0 for {self.timeout_s:g} s"))
-            time.sleep(POLL_S)
+        # The store is read on a helper thread: a store that rank 0 hosts (a run started
+        # without torchrun) does not answer while rank 0 is frozen, and the wait must end.
+        seen = {"status": 0, "moved": time.monotonic(), "error": None, "quit": False}
+
+        def poll() -> None:
+            beats = -1
+            while not seen["quit"]:
+                try:
+                    status = store.add(f"{prefix}/done", 0)  # add 0: read without blocking
+                    now = store.add(f"{prefix}/beats", 0)
+                except RuntimeError as err:  # rank 0 held the store and died
+                    seen["error"] = err
+                    return
+                if now != beats:
+                    beats, seen["moved"] = now, time.monotonic()
+                seen["status"] = status
+                if status:
+                    return
+                time.sleep(POLL_S)
+
+        threading.Thread(target=poll, name="selfattn-solo-wait", daemon=True).start()
+        try:
+            while not interrupted():
+                if seen["error"] is not None:
+                    raise self.failure(seen["error"])
+                if seen["status"] == _SOLO_OK:
+                    return
+                if seen["status"] == _SOLO_FAILED:
+                    raise PeerFailure(
+                        f"rank {self.rank} of {self.world_size}: rank 0 failed while writing "
+                        "the run's files alone; stopping"
+                    )
+                if time.monotonic() - seen["moved"] > self.timeout_s:
+                    silent = TimeoutError(f"no beat from rank 0 for {self.timeout_s:g} s")
+                    raise self.failure(silent)
+                time.sleep(POLL_S)
+        finally:
+            seen["quit"] = True
 
     def close(self) -> None:
         if self.is_parallel and tdist.is_initialized():

@@ -105,8 +105,9 @@ class Result:
     iteration: int  # iterations done in all (the last complete one)
     interrupted: bool
     records: list[dict]  # every record, earlier runs' included
-    # a stop dropped work that was still running after GRACE_S (one long torch operation): the
-    # checkpoint is saved, but the process can only end with os._exit
+    # stopped with work still running (the worker inside one long torch operation after
+    # GRACE_S, or peers inside collectives): the checkpoint is saved, and the process can only
+    # end with os._exit
     abandoned: bool = False
 
 
@@ -195,6 +196,8 @@ class _Worker:
         """Let the thread end; False when its current job is still running after ``wait_s``."""
         finished = self.idle.wait(wait_s)
         self.jobs.put(None)
+        if finished:  # let it end while the interpreter is whole, not in its teardown
+            self.thread.join()
         return finished
 
 
@@ -266,7 +269,9 @@ class _Loop:
             self.reporter.message(f"{LOSS_PNG} skipped: drawing it needs the 'plot' extra")
         self.worker = _Worker(self.stop)
         try:
-            while self.it < cfg.iters and not self.stop_agreed():
+            while self.it < cfg.iters:
+                if self.stop.requested:
+                    raise _Stopped
                 record = self.train_step()
                 evaluating = self.it % cfg.eval_every == 0 or self.it == cfg.iters
                 if evaluating:
@@ -274,19 +279,12 @@ class _Loop:
                     self.check_finite(record)
                 self.log(record)
                 if evaluating:
-                    self.commit(report=True)
-            if self.it < cfg.iters and self.saved_at != self.it:
-                self.commit()
+                    self.commit()
         except _Stopped:
             return self.drop_and_save()
-        self.worker.close(0)
-        return Result(self.it, self.it < cfg.iters, self.records)
-
-    def stop_agreed(self) -> bool:
-        """Whether any process was asked to stop: all of them stop after the same iteration."""
-        if not self.dist.is_parallel:
-            return self.stop.requested
-        return self.worker.run(lambda: self.dist.any(self.stop.requested))
+        finally:
+            self.worker.close(0)
+        return Result(self.it, False, self.records)
 
     def train_step(self) -> dict:
         """One iteration: the batch; forward and backward (the worker); the step (here)."""
@@ -357,20 +355,19 @@ class _Loop:
             _append_jsonl(self.run.out / METRICS, record)
             self.reporter.step(record)
 
-    def commit(self, report: bool = False) -> None:
-        """Rank 0 alone saves the checkpoint, then (``report``) the evaluation's line, sample
-        and figures; the other processes wait for it (`DataParallel.solo`)."""
+    def commit(self) -> None:
+        """Rank 0 alone saves the checkpoint, then the evaluation's line, sample and figures;
+        the other processes wait for it (`DataParallel.solo`)."""
 
         def work() -> None:
             self.save()
-            if report:
-                self.worker.run(lambda: _report_evaluation(self.run, self.records, self.reporter,
-                                                           self.plot))  # fmt: skip
+            report = (self.run, self.records, self.reporter, self.plot)
+            self.worker.run(lambda: _report_evaluation(*report))
 
         self.dist.solo(work, interrupted=lambda: self.stop.requested)
         self.saved_at = self.it
-        if self.stop.requested and not self.dist.is_main:
-            raise _Stopped  # it stopped waiting for rank 0: leave as if mid-work
+        if self.stop.requested:  # a waiting process was stopped: it leaves as if mid-work
+            raise _Stopped
 
     def save(self) -> None:
         """(Rank 0.) The checkpoint of the last complete iteration; never one of diverged
@@ -383,15 +380,17 @@ class _Loop:
         state = checkpoint.capture(model, self.optimizer, self.names, self.run.batches.state(),
                                    self.it)  # fmt: skip
         checkpoint.save_checkpoint(self.run.out, state, model)
+        self.saved_at = self.it
 
     def drop_and_save(self) -> Result:
-        """A stop came while the worker ran: save the last complete iteration (rank 0) and let
-        the worker go; `Result.abandoned` when it is still inside a long operation."""
+        """A stop: drop the unfinished work, save the last complete iteration (rank 0), and
+        let the worker go. Each process stops on its own signal, without a collective (a peer
+        may be inside one long operation): `Result.abandoned` for several processes, or when
+        the worker is still busy after `GRACE_S`."""
         if self.saved_at != self.it and self.dist.is_main:
             self.save()
-        self.saved_at = self.it
         finished = self.worker.close(GRACE_S)
-        return Result(self.it, True, self.records, abandoned=not finished)
+        return Result(self.it, True, self.records, abandoned=self.dist.is_parallel or not finished)
 
 
 def _restore(run: Run, optimizer, names: list[str]) -> int:
