@@ -6,6 +6,7 @@ torchrun itself: what is tested is what `selfattn train` does with that environm
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -160,6 +161,20 @@ def test_two_processes_take_the_steps_of_one(tmp_path, capsys):
         if va is not None:
             assert va == pytest.approx(vb, abs=1e-4)
     assert (double / "model.safetensors").exists()
+    # Resumed with another number of processes: the one-process run, continued by two, takes the
+    # steps of its copy continued by one (the batches' stream and AdamW's state carry over; the
+    # dropout streams, here off, would be reseeded per rank from (seed, rank, iteration)).
+    copy = shutil.copytree(single, tmp_path / "copy")
+    assert main(["train", "--resume", str(copy), "--iters", "24", "--quiet"]) == 0
+    capsys.readouterr()
+    ranks = launch(
+        ["-m", "selfattn"], ["train", "--resume", str(single), "--iters", "24", "--quiet"]
+    )
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    one, two = losses(copy), losses(single)
+    assert [i for i, _, _ in two] == list(range(1, 25))
+    for (_, a, _), (_, b, _) in zip(one[20:], two[20:], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_a_rank_that_dies_makes_the_other_exit_with_a_clear_error(tmp_path):

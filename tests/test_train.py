@@ -390,6 +390,18 @@ def test_the_progress_bar_drops_whole_fields_to_fit_the_terminal(monkeypatch, wi
         assert all(re.search(field, line) for field in fields), line
 
 
+def test_the_figures_leave_out_values_written_as_null(tmp_path):
+    """metrics.jsonl writes a value that is not finite as null: a resumed run's history may
+    hold None (say, a hook's score with nothing to score), and the figures still draw."""
+    from selfattn.train.plot import plot_losses, plot_scores
+
+    records = [{"iter": 1, "train_loss": None, "hook/a": None}]
+    records += [{"iter": 2, "train_loss": 3.0, "val_loss": 3.1, "hook/a": 0.5}]
+    plot_losses(tmp_path / "loss.png", records, "t")
+    plot_scores(tmp_path / "scores.png", records, "t")
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- bad input: one line, exit 2, nothing written ------------------------------------------------
 
 

@@ -162,10 +162,15 @@ class _Worker:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.idle = threading.Event()
         self.idle.set()
+        # the current CUDA device is per thread: the worker computes on the caller's
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda_device = torch.cuda.current_device() if cuda else None
         self.thread = threading.Thread(target=self._serve, name="selfattn-train", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
+        if self.cuda_device is not None:
+            torch.cuda.set_device(self.cuda_device)
         while (job := self.jobs.get()) is not None:
             job()
 
