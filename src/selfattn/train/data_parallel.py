@@ -12,7 +12,6 @@ writes every file and draws the progress bar. The training loop asks this object
     dist.rank, world_size which rows of each global batch (`selfattn.train.data.Batches`)
     dist.wrap(model)      the module to call in the loop (DistributedDataParallel when W > 1)
     dist.mean(value)      a float averaged over processes (losses and scores for the log)
-    dist.any(flag)        whether any process says so (a stop request: all stop together)
     dist.barrier()        wait for every process
     dist.solo(work)       rank 0 works alone (a checkpoint, a sample, plots), the others wait
     dist.close()          leave the process group
@@ -30,6 +29,11 @@ group's key-value store, not in a collective: rank 0 adds a beat to a counter th
 counter has not moved for `TIMEOUT_S` seconds (rank 0 died, or its process stopped answering:
 frozen, or stopped by SIGSTOP), or when rank 0's work raised. Healthy work, however slow, never
 trips it.
+
+A stop (Ctrl-C, SIGTERM) uses no collective: torchrun passes the signal to every process, each
+drops its unfinished iteration and leaves, and rank 0 saves its last complete one (a peer may
+be inside one long operation, or inside a collective, and cannot be waited for). A signal sent
+to one process alone stops that one; the others then report it gone (`PeerFailure`).
 """
 
 from __future__ import annotations
@@ -127,11 +131,6 @@ class DataParallel:
         if not self.is_parallel:
             return value
         return self._all_reduce([value], tdist.ReduceOp.SUM).item() / self.world_size
-
-    def any(self, flag: bool) -> bool:
-        if not self.is_parallel:
-            return flag
-        return bool(self._all_reduce([float(flag)], tdist.ReduceOp.MAX).item())
 
     def barrier(self) -> None:
         if self.is_parallel:
