@@ -151,13 +151,16 @@ def _planned_config(req: TrainRequest) -> TrainConfig:
     return PRESETS[req.preset or DEFAULT_PRESET].config.replace(**req.overrides)
 
 
-def iteration_bytes(cfg: TrainConfig, batch_size: int) -> int:
-    """A floor on the memory one training iteration holds at its peak, in bytes (float32):
+def peak_bytes(cfg: TrainConfig, batch_size: int) -> int:
+    """A floor on the memory a run needs at its peak, in bytes (float32): the larger of
 
+    one iteration:
         activations backward keeps   n_layers * k * B * T * C   (k = 16; 8 attention-only)
         the logits and their grads   3 * B * T * V              (V when the settings name it)
         the attention weights        n_layers * 2 * B * H * T * T, backend "naive" only (the
                                      other engines never hold a T x T matrix per head)
+    one checkpoint:                  n_layers * T * T: the chapter's causal ``mask`` entry of
+                                     each layer, which ``GPT.state_dict()`` builds for saving
 
     The weights and AdamW's moments are left out: next to these they are small when it matters.
     """
@@ -165,23 +168,24 @@ def iteration_bytes(cfg: TrainConfig, batch_size: int) -> int:
     floats = n * (8 if cfg.attn_only else 16) * b * t * c + 3 * b * t * (cfg.vocab_size or 0)
     if cfg.backend == "naive":
         floats += n * 2 * b * h * t * t
-    return 4 * floats
+    return 4 * max(floats, n * t * t)
 
 
 def check_memory(cfg: TrainConfig, world_size: int = 1) -> None:
-    """ValueError when one iteration cannot fit in the memory available (`iteration_bytes`
-    against RAM's MemAvailable for a CPU run, whose processes share it; against the GPU's free
-    memory for a CUDA one, each process holding its share of the batch)."""
+    """ValueError when the run cannot fit in the memory available (`peak_bytes` against RAM's
+    MemAvailable for a CPU run, whose processes share it; against the GPU's free memory for a
+    CUDA one, each process holding its share of the batch)."""
     batch = cfg.batch_size // world_size if cfg.device == "cuda" else cfg.batch_size
-    need, available = iteration_bytes(cfg, batch), _available_bytes(cfg.device)
+    need, available = peak_bytes(cfg, batch), _available_bytes(cfg.device)
     if available is None or need <= available:
         return
     hint = ", or a backend without T x T weights (sdpa, tiled)" if cfg.backend == "naive" else ""
     where = "on the GPU" if cfg.device == "cuda" else "in RAM"
     raise ValueError(
-        f"one iteration needs at least {need / 2**30:.1f} GiB (batch {cfg.batch_size}, block "
-        f"size {cfg.block_size}, backend {cfg.backend}) but {available / 2**30:.1f} GiB is free "
-        f"{where}: lower --batch-size or --block-size{hint}"
+        f"the run needs at least {need / 2**30:.1f} GiB (batch {cfg.batch_size}, block size "
+        f"{cfg.block_size}, backend {cfg.backend}; a checkpoint alone holds {cfg.n_layers} x "
+        f"T x T floats) but {available / 2**30:.1f} GiB is free {where}: lower --block-size or "
+        f"--batch-size{hint}"
     )
 
 
