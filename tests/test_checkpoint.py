@@ -268,7 +268,11 @@ def test_a_read_only_folder_names_the_manifest_and_keeps_the_last_checkpoint(run
 def test_a_resume_with_more_iters_keeps_the_schedule_and_continues_at_min_lr(run, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["decay_iters"] == 20
     assert main(["train", "--resume", str(run), "--iters", "24", "--quiet"]) == 0
-    capsys.readouterr()
+    said = capsys.readouterr().out.splitlines()[0]  # the run says which schedule it follows
+    assert said == (
+        "schedule: warm-up 5, cosine to 0.0003 at iteration 20, then 0.0003 "
+        "(resumed at iteration 20, lr 0.0003)"
+    )
     records = metrics(run)
     assert [r["lr"] for r in records[20:]] == [3e-4] * 4  # the tiny preset's min_lr, exactly
     assert json.loads((run / "config.json").read_text())["train"]["decay_iters"] == 20

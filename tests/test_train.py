@@ -3,11 +3,14 @@
 Every run here is the tiny preset on one thread, a few dozen iterations.
 """
 
+import collections
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +22,7 @@ import pytest
 import torch
 
 from selfattn.cli import main
-from selfattn.train import checkpoint, files
+from selfattn.train import checkpoint, command, files
 from selfattn.train.command import TrainRequest, run_train
 from selfattn.train.data import (
     Batches,
@@ -41,8 +44,23 @@ def train(capsys, out, *args) -> int:
 
 
 def metrics(run_dir) -> list[dict]:
+    """metrics.jsonl's records, read as strict JSON (a bare NaN or Infinity fails)."""
+
+    def refuse(constant):
+        raise ValueError(f"metrics.jsonl holds {constant}: not JSON")
+
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return [json.loads(line, parse_constant=refuse) for line in lines]
+
+
+def unigram_cross_entropy(corpus: Corpus) -> float:
+    """The validation text's loss (nats per character) under the training text's character
+    frequencies: what a model that learned nothing but those frequencies scores."""
+    train_text, val_text = corpus.splits
+    counts, n = collections.Counter(train_text), len(train_text)
+    return -sum(
+        k * math.log(counts[c] / n) for c, k in collections.Counter(val_text).items()
+    ) / len(val_text)
 
 
 def snapshot(folder) -> dict[str, str]:
@@ -125,7 +143,8 @@ def test_a_tiny_run_writes_every_file(finished):
     assert [r["iter"] for r in records] == list(range(1, 61))
     assert [r["iter"] for r in records if "val_loss" in r] == [20, 40, 60]
     assert all(math.isfinite(r["train_loss"]) for r in records)
-    assert records[-1]["val_loss"] < records[0]["train_loss"]  # it learned something
+    # it learned more than the characters' frequencies (about 3.34 nats; 60 iterations: ~3.2)
+    assert records[-1]["val_loss"] < unigram_cross_entropy(read_corpus(None))
     assert (finished / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (finished / "samples.txt").read_text().count("=== iteration") == 3
     record = json.loads((finished / "config.json").read_text())
@@ -210,6 +229,187 @@ def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, 
     done = int(err.split("stopped at iteration ")[1].split()[0])
     state = checkpoint.load_state(out)
     assert state.iteration == done == len(metrics(out))
+
+
+# A test's slow iteration: the training forward of iteration 4 sleeps (as inside one torch
+# operation that takes minutes) after touching MARK; SLOW_SAVE=1 makes the next checkpoint
+# (the stop's) sleep too.
+SLOW = """
+import os, sys, time
+from pathlib import Path
+import selfattn.train.checkpoint as checkpoint
+from selfattn.cli import main
+from selfattn.models.gpt import GPT
+
+env, calls, forward, save = os.environ, [], GPT.forward, checkpoint.save_checkpoint
+
+def slow_forward(self, *args, **kwargs):
+    if self.training:
+        calls.append(1)
+        if len(calls) == 4:
+            Path(env["MARK"]).touch()
+            time.sleep(600)
+    return forward(self, *args, **kwargs)
+
+def slow_save(run_dir, state, model):
+    if len(calls) >= 4 and env.get("SLOW_SAVE"):
+        Path(env["MARK"] + ".save").touch()
+        time.sleep(600)
+    return save(run_dir, state, model)
+
+GPT.forward, checkpoint.save_checkpoint = slow_forward, slow_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_slow_run(out: Path, **env: str) -> subprocess.Popen:
+    args = [*TINY, "--iters", "10", "--eval-every", "2", "--sample-tokens", "0"]
+    cmd = [sys.executable, "-c", SLOW, *args, "--out", str(out)]
+    env = dict(os.environ, MARK=str(out.parent / "mark"), **env)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, path: Path) -> None:
+    """Until ``path`` exists; a failure when the process ends first or after 60 s."""
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} never came: {proc.communicate()}")
+        time.sleep(0.05)
+
+
+def test_a_signal_mid_iteration_stops_within_seconds_and_keeps_the_last_complete_one(tmp_path):
+    """SIGTERM while iteration 4 is inside a long operation: exit 130 within seconds, with the
+    checkpoint of iteration 3 (the unfinished iteration dropped), loadable."""
+    out = tmp_path / "run"
+    proc = start_slow_run(out)
+    try:
+        wait_for(proc, tmp_path / "mark")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and "stopped at iteration 3 of 10" in err
+    assert checkpoint.load_state(out).iteration == 3 and len(metrics(out)) == 3
+    assert checkpoint.load_run(out).iteration == 3
+
+
+def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    """The first SIGINT's checkpoint (of iteration 3) is slow to write: a second SIGINT exits
+    at once, and the checkpoint of iteration 2 is intact."""
+    out = tmp_path / "run"
+    proc = start_slow_run(out, SLOW_SAVE="1")
+    try:
+        wait_for(proc, tmp_path / "mark")
+        proc.send_signal(signal.SIGINT)
+        wait_for(proc, tmp_path / "mark.save")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and "stopped at once" in err
+    assert checkpoint.load_state(out).iteration == 2 and checkpoint.load_run(out).iteration == 2
+
+
+@pytest.mark.parametrize(
+    ("eval_every", "message", "saved"),
+    [
+        ("5", "loss is nan at iteration 3; no checkpoint was written yet", None),
+        (
+            "1",
+            "evaluation train loss is nan at iteration 2; the last good checkpoint is iteration 1",
+            1,
+        ),
+    ],
+    ids=["train-loss", "evaluation"],
+)
+def test_a_diverging_run_stops_in_one_line_exit_1_and_saves_no_diverged_weights(
+    tmp_path, capsys, eval_every, message, saved
+):
+    """--lr 1e6: the loss is huge at iteration 2 and NaN after it (the evaluation of iteration 2
+    already NaN). One line, exit 1; metrics.jsonl strict JSON lines (NaN as null)."""
+    out = tmp_path / "run"
+    status = main(
+        [*TINY, "--lr", "1e6", "--iters", "10", "--eval-every", eval_every, "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1
+    assert err == f"selfattn train: error: Diverged: {message}\n"
+    records = metrics(out)
+    assert None in records[-1].values()
+    if saved is None:
+        assert not (out / "train_state.safetensors").exists()
+    else:
+        state = checkpoint.load_state(out)
+        assert state.iteration == saved and all(v.isfinite().all() for v in state.model.values())
+
+
+def test_settings_that_cannot_fit_in_memory_are_refused_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    """The naive engine holds (B, H, T, T) weights per layer: at block size 2048 that is more
+    than the 300 MB this test says are free; the default engine fits (`command.peak_bytes`).
+    At block size 100,000 a checkpoint alone needs 2 x 40 GB (the chapter's masks)."""
+    monkeypatch.setattr(command, "_available_bytes", lambda device: 300 * 2**20)
+    out = tmp_path / "run"
+    args = ["--backend", "naive", "--block-size", "2048", "--iters", "1", "--eval-iters", "1"]
+    assert main([*TINY, *args, "--sample-tokens", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the run needs at least 1.1 GiB" in err
+    assert "0.3 GiB is free in RAM" in err and not out.exists()
+    monkeypatch.setattr(command, "_available_bytes", lambda device: 8 * 2**30)
+    assert main([*TINY, "--block-size", "100000", "--out", str(out)]) == 2
+    assert "the run needs at least 74.5 GiB" in capsys.readouterr().err and not out.exists()
+    assert main([*TINY, *args[2:], "--sample-tokens", "0", "--out", str(out)]) == 0  # sdpa
+
+
+@pytest.mark.parametrize("width", [30, 45, 60, 80, 100, 140])
+def test_the_progress_bar_drops_whole_fields_to_fit_the_terminal(monkeypatch, width):
+    from selfattn.train.progress import Bar
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bar = Bar(2000, 0, "shakespeare-char")
+    record = {"iter": 12, "train_loss": 2.34567, "lr": 2.9e-4, "tokens_per_s": 41210.0}
+    bar.step(record)
+    bar.evaluation(record | {"val_loss": 2.45678, "elapsed_s": 1.0})
+    bar.close()
+    line = out.getvalue().rstrip("\n").splitlines()[-1]  # the bar, as drawn last
+    assert len(line.rstrip()) < width
+    fields = {  # each field, whole, and what shows that some of it is there
+        r"shakespeare-char": "shakes",
+        r"12/2000": "/2",
+        r"loss 2\.3457": "loss",
+        r"val 2\.4568": "val",
+        r"lr 2\.9e-04": "lr ",
+        r"41,210 tok/s": "tok",
+        r"eta \d+:\d\d:\d\d": "eta",
+    }
+    for field, part in fields.items():
+        assert re.search(field, line) or part not in line, (field, line)
+    assert "12/2000" in line and "…" not in line
+    if width >= 100:
+        assert all(re.search(field, line) for field in fields), line
+
+
+def test_the_figures_leave_out_values_written_as_null(tmp_path):
+    """metrics.jsonl writes a value that is not finite as null: a resumed run's history may
+    hold None (say, a hook's score with nothing to score), and the figures still draw."""
+    from selfattn.train.plot import plot_losses, plot_scores
+
+    records = [{"iter": 1, "train_loss": None, "hook/a": None}]
+    records += [{"iter": 2, "train_loss": 3.0, "val_loss": 3.1, "hook/a": 0.5}]
+    plot_losses(tmp_path / "loss.png", records, "t")
+    plot_scores(tmp_path / "scores.png", records, "t")
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # --- bad input: one line, exit 2, nothing written ------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from selfattn.train.data import (
     saved_tokenizer,
 )
 from selfattn.train.data_parallel import DataParallel, PeerFailure
+from selfattn.train.data_parallel import check_device as _check_device
 from selfattn.train.files import remove_stale
 from selfattn.train.induction import InductionBatches, induction_metrics, induction_tokenizer
 from selfattn.train.loop import (
@@ -36,13 +38,16 @@ from selfattn.train.loop import (
     METRICS,
     SAMPLES,
     SCORES_PNG,
+    Diverged,
     Hooks,
+    Result,
     Run,
     StopRequest,
     train,
 )
 from selfattn.train.presets import PRESETS
-from selfattn.train.progress import Bar, Lines, Silent
+from selfattn.train.progress import Bar, Lines, Reporter, Silent
+from selfattn.train.schedule import describe_schedule
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
 DEFAULT_PRESET = "shakespeare-char"
@@ -59,8 +64,10 @@ class TrainRequest:
 
 
 def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
-    dist = DataParallel.from_env(_device(req))
+    planned = _planned_config(req)
+    dist = DataParallel.from_env(planned.device)
     try:
+        check_memory(planned, dist.world_size)
         run = resume_run(req, dist) if req.resume else new_run(req, dist)
         dist.barrier()  # rank 0 has prepared the folder
     except BaseException:
@@ -73,26 +80,45 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if not dist.is_main:
-        reporter = Silent()
-    elif req.quiet:
-        reporter = Lines(cfg.iters)
-    else:
-        reporter = Bar(cfg.iters, run.state.iteration if run.state else 0, run.title)
+    reporter = _reporter(req, run, dist)
+    reporter.message(describe_schedule(cfg, run.state.iteration if run.state else 0))
+    result = None
     try:
-        with StopRequest() as stop:
+        with StopRequest(on_second=lambda: _exit_now(dist)) as stop:
             result = train(run, hooks=hooks, stop=stop, dist=dist, reporter=reporter)
-        # Every process is done with its collectives before any leaves the group: a process
-        # that tore gloo down while its peer still worked aborted ("terminate called ...").
-        dist.barrier()
+        if not result.abandoned:
+            # Every process is done with its collectives before any leaves the group: a process
+            # that tore gloo down while its peer still worked aborted ("terminate called ...").
+            dist.barrier()
     except RuntimeError as err:
-        if dist.is_parallel and not isinstance(err, PeerFailure) and _is_collective_error(err):
+        ours = isinstance(err, PeerFailure | Diverged)
+        if dist.is_parallel and not ours and _is_collective_error(err):
             raise dist.failure(err) from err
         raise
     finally:
         reporter.close()
-        dist.close()
+        if result is None or not result.abandoned:  # else a worker may be inside a collective
+            dist.close()
         torch.set_num_threads(threads)
+    status = _report_end(result, run, dist)
+    if result.abandoned:  # a worker thread is still inside a long torch operation
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _reporter(req: TrainRequest, run: Run, dist: DataParallel) -> Reporter:
+    if not dist.is_main:
+        return Silent()
+    if req.quiet:
+        return Lines(run.config.iters)
+    return Bar(run.config.iters, run.state.iteration if run.state else 0, run.title)
+
+
+def _report_end(result: Result, run: Run, dist: DataParallel) -> int:
+    """The last line (rank 0) and the exit status."""
+    cfg = run.config
     if result.interrupted:
         if dist.is_main:
             print(
@@ -111,13 +137,76 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     return 0
 
 
-def _device(req: TrainRequest) -> str:
-    """The device the run will train on (the process group's backend depends on it)."""
-    if "device" in req.overrides:
-        return req.overrides["device"]
+def _exit_now(dist: DataParallel) -> None:
+    """A second Ctrl-C / SIGTERM: leave at once. Checkpoints are written atomically, so the last
+    complete one is intact whatever was being written."""
+    if dist.is_main:
+        os.write(2, b"selfattn train: stopped at once (a second signal); the last complete "
+                    b"checkpoint is kept\n")  # fmt: skip
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _planned_config(req: TrainRequest) -> TrainConfig:
+    """The settings the run will have, read before anything is built or written (the process
+    group's backend depends on the device; `check_memory` on the sizes)."""
     if req.resume:
-        return checkpoint.read_config(Path(req.resume))["train"].get("device", "cpu")
-    return PRESETS[req.preset or DEFAULT_PRESET].config.device
+        saved = TrainConfig.from_dict(checkpoint.read_config(Path(req.resume))["train"])
+        return saved.replace(**{k: v for k, v in req.overrides.items() if k in RESUMABLE})
+    return PRESETS[req.preset or DEFAULT_PRESET].config.replace(**req.overrides)
+
+
+def peak_bytes(cfg: TrainConfig, batch_size: int) -> int:
+    """A floor on the memory a run needs at its peak, in bytes (float32): the larger of
+
+    one iteration:
+        activations backward keeps   n_layers * k * B * T * C   (k = 16; 8 attention-only)
+        the logits and their grads   3 * B * T * V              (V when the settings name it)
+        the attention weights        n_layers * 2 * B * H * T * T, backend "naive" only (the
+                                     other engines never hold a T x T matrix per head)
+    one checkpoint:                  n_layers * T * T: the chapter's causal ``mask`` entry of
+                                     each layer, which ``GPT.state_dict()`` builds for saving
+
+    The weights and AdamW's moments are left out: next to these they are small when it matters.
+    """
+    b, t, c, h, n = batch_size, cfg.block_size, cfg.emb_dim, cfg.n_heads, cfg.n_layers
+    floats = n * (8 if cfg.attn_only else 16) * b * t * c + 3 * b * t * (cfg.vocab_size or 0)
+    if cfg.backend == "naive":
+        floats += n * 2 * b * h * t * t
+    return 4 * max(floats, n * t * t)
+
+
+def check_memory(cfg: TrainConfig, world_size: int = 1) -> None:
+    """ValueError when the run cannot fit in the memory available (`peak_bytes` against RAM's
+    MemAvailable for a CPU run, whose processes share it; against the GPU's free memory for a
+    CUDA one, each process holding its share of the batch)."""
+    batch = cfg.batch_size // world_size if cfg.device == "cuda" else cfg.batch_size
+    need, available = peak_bytes(cfg, batch), _available_bytes(cfg.device)
+    if available is None or need <= available:
+        return
+    hint = ", or a backend without T x T weights (sdpa, tiled)" if cfg.backend == "naive" else ""
+    where = "on the GPU" if cfg.device == "cuda" else "in RAM"
+    raise ValueError(
+        f"the run needs at least {need / 2**30:.1f} GiB (batch {cfg.batch_size}, block size "
+        f"{cfg.block_size}, backend {cfg.backend}; a checkpoint alone holds {cfg.n_layers} x "
+        f"T x T floats) but {available / 2**30:.1f} GiB is free {where}: lower --block-size or "
+        f"--batch-size{hint}"
+    )
+
+
+def _available_bytes(device: str) -> int | None:
+    """Free memory for the run: the GPU's, or the kernel's MemAvailable (None: unknown)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _is_collective_error(err: RuntimeError) -> bool:
@@ -195,11 +284,6 @@ def _absolute_text(overrides: dict) -> dict:
     if overrides.get("text_file") is None:
         return overrides
     return {**overrides, "text_file": str(Path(overrides["text_file"]).expanduser().resolve())}
-
-
-def _check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
 
 
 def _batches(cfg: TrainConfig, splits, dist: DataParallel) -> Batches:

@@ -236,22 +236,21 @@ def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-class Batches:
-    """Random windows from the token ids, drawn from one seeded generator (nanoGPT's get_batch).
+class RandomBatches:
+    """What every batch source shares: x, y (B_local, T) int64 on ``device``, y being x shifted
+    by one token, drawn from one seeded training generator (nanoGPT's get_batch).
 
-    `next_train()` gives x, y (B_local, T) int64 on ``device``: y is x shifted by one token.
-    Every process draws the same global batch of ``batch_size`` windows and keeps its own
-    slice (rank r of W keeps rows r*B/W .. (r+1)*B/W), so W processes see together exactly
-    what one process sees. `eval_batch` draws from a generator the caller passes, so
-    evaluation never moves the training stream. `state` / `load_state` carry the stream
-    across a resume.
+    Every process draws the same global batch of ``batch_size`` rows and keeps its own slice
+    (rank r of W keeps rows r*B/W .. (r+1)*B/W), so W processes see together exactly what one
+    process sees. `eval_batch` draws from a generator the caller passes, so evaluation never
+    moves the training stream. `state` / `load_state` carry the stream across a resume.
 
-    A batch source for another task (say synthetic sequences) needs these four methods only.
+    A batch source for another task needs `rows` only: this process's rows, (B_local, T + 1),
+    of a global batch drawn from ``generator``.
     """
 
     def __init__(
         self,
-        splits: TokenSplits,
         batch_size: int,
         block_size: int,
         seed: int,
@@ -259,22 +258,17 @@ class Batches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.splits = splits
         self.batch_size, self.block_size = batch_size, block_size
         self.device = device
         self.rows = rank_rows(batch_size, rank, world_size)
         self.generator = torch.Generator().manual_seed(seed)
-        # every window of T + 1 tokens, as a view: (N - T, T + 1)
-        self._windows = {
-            name: ids.unfold(0, block_size + 1, 1)
-            for name, ids in (("train", splits.train), ("val", splits.val))
-        }
+
+    def sequences(self, split: str, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
 
     def _draw(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        windows = self._windows[split]
-        ix = torch.randint(len(windows), (self.batch_size,), generator=generator)  # (B,)
-        batch = windows[ix[self.rows]]  # (B_local, T + 1), a copy
-        x, y = batch[:, :-1], batch[:, 1:]  # (B_local, T) each
+        seq = self.sequences(split, generator)  # (B_local, T + 1)
+        x, y = seq[:, :-1], seq[:, 1:]  # (B_local, T) each
         return x.to(self.device), y.to(self.device)
 
     def next_train(self) -> tuple[Tensor, Tensor]:
@@ -288,3 +282,30 @@ class Batches:
 
     def load_state(self, state: Tensor) -> None:
         self.generator.set_state(state)
+
+
+class Batches(RandomBatches):
+    """Random windows of T + 1 tokens from the text's token ids (see `RandomBatches`)."""
+
+    def __init__(
+        self,
+        splits: TokenSplits,
+        batch_size: int,
+        block_size: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(batch_size, block_size, seed, device, rank, world_size)
+        self.splits = splits
+        # every window of T + 1 tokens, as a view: (N - T, T + 1)
+        self._windows = {
+            name: ids.unfold(0, block_size + 1, 1)
+            for name, ids in (("train", splits.train), ("val", splits.val))
+        }
+
+    def sequences(self, split: str, generator: torch.Generator) -> Tensor:
+        windows = self._windows[split]
+        ix = torch.randint(len(windows), (self.batch_size,), generator=generator)  # (B,)
+        return windows[ix[self.rows]]  # (B_local, T + 1), a copy

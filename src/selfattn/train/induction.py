@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from selfattn.recording import recording
-from selfattn.train.data import CharTokenizer, rank_rows
+from selfattn.train.data import CharTokenizer, RandomBatches
 
 SEGMENT_LENGTHS = (8, 32)  # the shortest and longest segment, both included
 ALPHABET = (
@@ -63,12 +63,12 @@ def repeated_segments(
     return symbols.gather(1, positions)
 
 
-class InductionBatches:
-    """Synthetic batches of repeated segments, with `selfattn.train.data.Batches`' methods.
+class InductionBatches(RandomBatches):
+    """Synthetic batches of repeated segments (see `selfattn.train.data.RandomBatches`).
 
-    x, y (B_local, T): y is x shifted by one token. Every process draws the same global batch
-    from one seeded generator and keeps its rows (as `Batches`); both "splits" come from the
-    same distribution, each evaluation from the generator it is given.
+    Both "splits" come from the same distribution, each evaluation from the generator it is
+    given, and never the same sequences: an evaluation draw is seeded by the generator and the
+    split.
     """
 
     def __init__(
@@ -81,31 +81,15 @@ class InductionBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.vocab_size, self.batch_size, self.block_size = vocab_size, batch_size, block_size
-        self.device = device
-        self.rows = rank_rows(batch_size, rank, world_size)
-        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(batch_size, block_size, seed, device, rank, world_size)
+        self.vocab_size = vocab_size
 
-    def _draw(self, generator: torch.Generator, batch: int) -> tuple[Tensor, Tensor]:
-        seq = repeated_segments(batch, self.block_size + 1, self.vocab_size, generator)
-        seq = seq[self.rows]  # (B_local, T + 1)
-        x, y = seq[:, :-1], seq[:, 1:]  # (B_local, T) each
-        return x.to(self.device), y.to(self.device)
-
-    def next_train(self) -> tuple[Tensor, Tensor]:
-        return self._draw(self.generator, self.batch_size)
-
-    def eval_batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """A batch from ``generator``; "train" and "val" draw from the same distribution but
-        never the same sequences (the draw is seeded by the generator and the split)."""
-        seed = int(torch.randint(2**62, (1,), generator=generator)) + (split == "val")
-        return self._draw(torch.Generator().manual_seed(seed), self.batch_size)
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def load_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
+    def sequences(self, split: str, generator: torch.Generator) -> Tensor:
+        if generator is not self.generator:  # an evaluation: its own draw per split
+            seed = int(torch.randint(2**62, (1,), generator=generator)) + (split == "val")
+            generator = torch.Generator().manual_seed(seed)
+        seq = repeated_segments(self.batch_size, self.block_size + 1, self.vocab_size, generator)
+        return seq[self.rows]  # (B_local, T + 1)
 
 
 # --- the scores ----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 
     metrics.jsonl   one record per iteration: iter, train_loss (the batch's), lr, tokens_per_s,
                     elapsed_s; evaluation records add val_loss, eval_train_loss and what the
-                    evaluation hooks return (as "hook/NAME")
+                    evaluation hooks return (as "hook/NAME"). Strict JSON lines: a value that
+                    is not finite (NaN, inf) is written as null.
     samples.txt     a sample at each evaluation (unless sample_tokens is 0)
     loss.png        the loss curves, redrawn at each evaluation
     scores.png      the hooks' metrics against iterations (when there are hooks)
@@ -14,17 +15,29 @@
 
 Evaluation happens every ``eval_every`` iterations and at the last one. Its batches and its
 sample come from generators seeded by (seed, iteration), never from the training stream, so a
-run stopped and resumed draws exactly the batches of a run that was never stopped.
+run stopped and resumed draws exactly the batches of a run that was never stopped. Dropout
+draws from the global torch generator, which each iteration reseeds from (seed, rank,
+iteration) (`dropout_seed`): every process has its own masks, and a resume, with any number
+of processes, draws exactly the masks of a run never stopped.
+
+Stopping. The work of an iteration (forward, backward, the collectives) and of an evaluation
+runs in a worker thread while the main thread waits, answering signals: a stop request drops
+the unfinished iteration at once, even inside one long torch operation, and the checkpoint is
+that of the last complete one (the only change to the weights and the optimizer,
+``optimizer.step``, happens on the main thread once the worker is done). A loss that is not
+finite stops the run with `Diverged`, before the step and before any checkpoint of it.
 
 Extension points: ``hooks.on_eval`` functions get an `EvalContext` and return extra metrics
 (say, an induction score per head); ``hooks.on_step`` functions see every record; ``dist`` (a
 `DataParallel`) decides which process writes and which slice of the batch each one trains on;
-``run.batches`` may be any object with `Batches`' four methods.
+``run.batches`` may be any `selfattn.train.data.RandomBatches`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import queue
 import signal
 import threading
 import time
@@ -34,12 +47,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import TrainConfig
-from selfattn.train.data import Batches, Tokenizer
+from selfattn.train.data import RandomBatches, Tokenizer
 from selfattn.train.data_parallel import SINGLE, DataParallel
 from selfattn.train.plot import have_matplotlib, plot_losses, plot_scores
 from selfattn.train.progress import Reporter, Silent
@@ -49,6 +62,9 @@ METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 LOSS_PNG = "loss.png"
 SCORES_PNG = "scores.png"  # the evaluation hooks' metrics, when there are any
+POLL_S = 0.05  # how often the main thread looks for a stop request while the worker runs
+GRACE_S = 2.0  # after a stop, how long the dropped work may take to end before it is abandoned
+_DROPOUT = 0x64726F70  # "drop": the dropout streams' part of `mixed_seed`
 
 
 @dataclass
@@ -58,7 +74,7 @@ class Run:
     config: TrainConfig
     model: GPT
     tokenizer: Tokenizer
-    batches: Batches
+    batches: RandomBatches
     out: Path
     title: str = "train"
     state: checkpoint.TrainState | None = None  # None: from scratch
@@ -72,7 +88,7 @@ class EvalContext:
     iteration: int
     model: GPT
     config: TrainConfig
-    batches: Batches
+    batches: RandomBatches
     tokenizer: Tokenizer
     device: torch.device
     generator: torch.Generator  # seeded by (seed, iteration): the same on every rank and resume
@@ -86,28 +102,40 @@ class Hooks:
 
 @dataclass
 class Result:
-    iteration: int  # iterations done in all
+    iteration: int  # iterations done in all (the last complete one)
     interrupted: bool
     records: list[dict]  # every record, earlier runs' included
+    # stopped with work still running (the worker inside one long torch operation after
+    # GRACE_S, or peers inside collectives): the checkpoint is saved, and the process can only
+    # end with os._exit
+    abandoned: bool = False
+
+
+class Diverged(RuntimeError):
+    """A loss became NaN or infinite: the run stops, and no checkpoint of it is written."""
 
 
 class StopRequest:
-    """A stop asked for by Ctrl-C or SIGTERM, or by code (`request`): the loop finishes its
-    iteration, saves a checkpoint and returns. A second Ctrl-C stops at once
-    (KeyboardInterrupt), leaving the last checkpoint. Use as a context manager to install the
-    signal handlers (main thread only; restored on exit)."""
+    """A stop asked for by Ctrl-C or SIGTERM, or by code (`request`): the loop drops the
+    unfinished iteration, saves the last complete state and returns. A second signal calls
+    ``on_second`` (default: raise KeyboardInterrupt; `selfattn train` exits at once). Use as a
+    context manager to install the signal handlers (main thread only; restored on exit)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_second: Callable[[], None] | None = None) -> None:
         self.requested = False
+        self.on_second = on_second
         self._previous: dict[int, object] = {}
 
     def request(self) -> None:
         self.requested = True
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if not self.requested:
+            self.requested = True
+        elif self.on_second is not None:
+            self.on_second()
+        else:
             raise KeyboardInterrupt
-        self.requested = True
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -119,6 +147,82 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class _Stopped(Exception):
+    """A stop request came while the worker ran: what it was doing is dropped."""
+
+
+class _Worker:
+    """One thread that runs the loop's long work, while the caller's (main) thread waits and
+    can still answer signals. One thread for the whole run: torch's intra-op pool stays."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        # the current CUDA device is per thread: the worker computes on the caller's
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda_device = torch.cuda.current_device() if cuda else None
+        self.thread = threading.Thread(target=self._serve, name="selfattn-train", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        if self.cuda_device is not None:
+            torch.cuda.set_device(self.cuda_device)
+        while (job := self.jobs.get()) is not None:
+            job()
+
+    def run(self, fn: Callable[[], object]) -> object:
+        """``fn()``, computed by the worker; `_Stopped` as soon as a stop is requested."""
+        box: dict = {}
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as err:  # re-raised on the caller's thread
+                box["error"] = err
+            finally:
+                done.set()
+                self.idle.set()
+
+        self.idle.clear()
+        self.jobs.put(job)
+        while not done.wait(POLL_S):
+            if self.stop.requested:
+                raise _Stopped
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def close(self, wait_s: float) -> bool:
+        """Let the thread end; False when its current job is still running after ``wait_s``."""
+        finished = self.idle.wait(wait_s)
+        self.jobs.put(None)
+        if finished:  # let it end while the interpreter is whole, not in its teardown
+            self.thread.join()
+        return finished
+
+
+def mixed_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (a polynomial hash): the seed of a generator that
+    must depend on, say, the run's seed and an iteration, and on nothing else."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % 2**63
+    return seed
+
+
+def dropout_seed(seed: int, rank: int, iteration: int) -> int:
+    """The seed of rank ``rank``'s dropout masks in the iteration after ``iteration``."""
+    return mixed_seed(seed, _DROPOUT, rank, iteration)
+
+
+def eval_generator(cfg: TrainConfig, iteration: int, device="cpu") -> torch.Generator:
+    """The random source of the evaluation after ``iteration``: seeded by (seed, iteration)."""
+    return torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
@@ -135,11 +239,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam
     return optimizer, [n for n, _ in decay + no_decay]
 
 
-def eval_generator(cfg: TrainConfig, iteration: int, device="cpu") -> torch.Generator:
-    """The random source of the evaluation after ``iteration``: seeded by (seed, iteration)."""
-    return torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + iteration) % 2**63)
-
-
 def train(
     run: Run,
     *,
@@ -148,71 +247,163 @@ def train(
     dist: DataParallel = SINGLE,
     reporter: Reporter | None = None,
 ) -> Result:
-    cfg, model, batches = run.config, run.model, run.batches
-    hooks, stop, reporter = hooks or Hooks(), stop or StopRequest(), reporter or Silent()
-    device = torch.device(cfg.device)
-    model.to(device).train()
-    optimizer, names = make_optimizer(model, cfg)
-    start = _restore(run, optimizer, names, device) if run.state is not None else 0
-    net = dist.wrap(model)  # what the loop calls (DDP under torchrun)
-    records = list(run.history)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    tokens_per_iter = cfg.batch_size * cfg.block_size
-    plot = dist.is_main and have_matplotlib()
-    if dist.is_main and not plot:
-        reporter.message(f"{LOSS_PNG} skipped: drawing it needs the 'plot' extra (matplotlib)")
-    it, saved_at, t0, speed = start, None, time.perf_counter(), None
-    while it < cfg.iters and not dist.any(stop.requested):  # every process stops at once
-        t_step = time.perf_counter()
+    """Train ``run`` up to ``run.config.iters`` iterations, or until a stop request."""
+    loop = _Loop(run, hooks or Hooks(), stop or StopRequest(), dist, reporter or Silent())
+    return loop.train()
+
+
+class _Loop:
+    """One call of `train`: its state, and the named steps of nanoGPT's loop."""
+
+    def __init__(self, run: Run, hooks: Hooks, stop: StopRequest, dist, reporter) -> None:
+        self.run, self.cfg, self.hooks, self.stop = run, run.config, hooks, stop
+        self.dist, self.reporter = dist, reporter
+        self.device = torch.device(self.cfg.device)
+        run.model.to(self.device).train()
+        self.optimizer, self.names = make_optimizer(run.model, self.cfg)
+        self.it = _restore(run, self.optimizer, self.names) if run.state is not None else 0
+        self.saved_at = self.it if run.state is not None else None  # the last good checkpoint
+        self.net = dist.wrap(run.model)  # what the loop calls (DDP under torchrun)
+        self.records = list(run.history)
+        self.plot = dist.is_main and have_matplotlib()
+        self.t0, self.speed = time.perf_counter(), None
+
+    def train(self) -> Result:
+        cfg = self.cfg
+        if self.dist.is_main and not self.plot:
+            self.reporter.message(f"{LOSS_PNG} skipped: drawing it needs the 'plot' extra")
+        self.worker = _Worker(self.stop)
+        try:
+            while self.it < cfg.iters:
+                if self.stop.requested:
+                    raise _Stopped
+                record = self.train_step()
+                evaluating = self.it % cfg.eval_every == 0 or self.it == cfg.iters
+                if evaluating:
+                    record |= self.worker.run(self.evaluate)
+                    self.check_finite(record)
+                self.log(record)
+                if evaluating:
+                    self.commit()
+        except _Stopped:
+            return self.drop_and_save()
+        finally:
+            self.worker.close(0)
+        return Result(self.it, False, self.records)
+
+    def train_step(self) -> dict:
+        """One iteration: the batch; forward and backward (the worker); the step (here)."""
+        cfg, it, t_step = self.cfg, self.it, time.perf_counter()
         lr = learning_rate(
             it, lr=cfg.lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
             decay_iters=cfg.lr_decay_iters,
         )  # fmt: skip
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = batches.next_train()  # (B, T), (B, T)
-        with autocast:
-            logits = net(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        before = self.run.batches.state()
+        x, y = self.run.batches.next_train()  # (B, T), (B, T)
+        torch.manual_seed(dropout_seed(cfg.seed, self.dist.rank, it))
+        try:
+            loss = self.worker.run(lambda: self.forward_backward(x, y))
+        except _Stopped:
+            self.run.batches.load_state(before)  # the dropped iteration never drew its batch
+            raise
+        tokens_per_s = cfg.batch_size * cfg.block_size / (time.perf_counter() - t_step)
+        self.speed = tokens_per_s if self.speed is None else 0.9 * self.speed + 0.1 * tokens_per_s
+        record = {"iter": it + 1, "train_loss": loss, "lr": lr, "tokens_per_s": self.speed}
+        record["elapsed_s"] = time.perf_counter() - self.t0
+        self.check_finite(record)
         if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        it += 1
-        dt = time.perf_counter() - t_step
-        speed = tokens_per_iter / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_iter / dt
-        record = {"iter": it, "train_loss": dist.mean(loss.item()), "lr": lr}
-        record |= {"tokens_per_s": speed, "elapsed_s": time.perf_counter() - t0}
-        evaluating = it % cfg.eval_every == 0 or it == cfg.iters
-        if evaluating:
-            record |= evaluate(run, it, hooks, dist, autocast)
-        records.append(record)
-        for hook in hooks.on_step:
+            nn.utils.clip_grad_norm_(self.run.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()  # the only change to the weights: never while the worker runs
+        self.it = it + 1
+        return record
+
+    def forward_backward(self, x: Tensor, y: Tensor) -> float:
+        """(In the worker.) The batch's loss, averaged over processes; gradients in .grad."""
+        with self.autocast():
+            logits = self.net(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.dist.mean(loss.item())
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast when asked for (entered on the thread that computes)."""
+        enabled = self.cfg.dtype == "bfloat16"
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=enabled)
+
+    def evaluate(self) -> dict:
+        """(In the worker.) The evaluation's losses and the hooks' metrics."""
+        return evaluate(self.run, self.it, self.hooks, self.dist, self.autocast())
+
+    def check_finite(self, record: dict) -> None:
+        """`Diverged` (after logging the record) when one of its losses is NaN or infinite."""
+        for key, name in (("train_loss", "loss"), ("eval_train_loss", "evaluation train loss"),
+                          ("val_loss", "validation loss")):  # fmt: skip
+            value = record.get(key, 0.0)
+            if not math.isfinite(value):
+                self.log(record)
+                raise Diverged(f"{name} is {value} at iteration {record['iter']}; {self.last_good}")
+
+    @property
+    def last_good(self) -> str:
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is iteration {self.saved_at}"
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        for hook in self.hooks.on_step:
             hook(record)
-        if dist.is_main:
-            _append_jsonl(run.out / METRICS, record)
-            reporter.step(record)
-        if evaluating:
-            if dist.is_main:
-                _report_evaluation(run, records, reporter, plot)
-            save(run, optimizer, names, it, dist)
-            saved_at = it
-    interrupted = it < cfg.iters
-    if interrupted and saved_at != it:
-        save(run, optimizer, names, it, dist)
-    return Result(it, interrupted, records)
+        if self.dist.is_main:
+            _append_jsonl(self.run.out / METRICS, record)
+            self.reporter.step(record)
+
+    def commit(self) -> None:
+        """Rank 0 alone saves the checkpoint, then the evaluation's line, sample and figures;
+        the other processes wait for it (`DataParallel.solo`)."""
+
+        def work() -> None:
+            self.save()
+            report = (self.run, self.records, self.reporter, self.plot)
+            self.worker.run(lambda: _report_evaluation(*report))
+
+        self.dist.solo(work, interrupted=lambda: self.stop.requested)
+        self.saved_at = self.it
+        if self.stop.requested:  # a waiting process was stopped: it leaves as if mid-work
+            raise _Stopped
+
+    def save(self) -> None:
+        """(Rank 0.) The checkpoint of the last complete iteration; never one of diverged
+        weights."""
+        model = self.run.model
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise Diverged(
+                f"the weights after iteration {self.it} are not finite; {self.last_good}"
+            )
+        state = checkpoint.capture(model, self.optimizer, self.names, self.run.batches.state(),
+                                   self.it)  # fmt: skip
+        checkpoint.save_checkpoint(self.run.out, state, model)
+        self.saved_at = self.it
+
+    def drop_and_save(self) -> Result:
+        """A stop: drop the unfinished work, save the last complete iteration (rank 0), and
+        let the worker go. Each process stops on its own signal, without a collective (a peer
+        may be inside one long operation): `Result.abandoned` for several processes, or when
+        the worker is still busy after `GRACE_S`."""
+        if self.saved_at != self.it and self.dist.is_main:
+            self.save()
+        finished = self.worker.close(GRACE_S)
+        return Result(self.it, True, self.records, abandoned=self.dist.is_parallel or not finished)
 
 
-def _restore(run: Run, optimizer, names: list[str], device: torch.device) -> int:
-    """Load ``run.state`` into the model, the optimizer and the RNGs; its iteration."""
-    state = run.state
-    checkpoint.restore(state, run.model, optimizer, names)
-    torch.set_rng_state(state.rng["torch"])
-    run.batches.load_state(state.rng["batches"])
-    if "cuda" in state.rng and device.type == "cuda":
-        torch.cuda.set_rng_state(state.rng["cuda"])
-    return state.iteration
+def _restore(run: Run, optimizer, names: list[str]) -> int:
+    """Load ``run.state`` into the model, the optimizer and the batches' stream; its iteration.
+    (The dropout stream needs nothing: each iteration reseeds it, see `dropout_seed`.)"""
+    checkpoint.restore(run.state, run.model, optimizer, names)
+    run.batches.load_state(run.state.rng["batches"])
+    return run.state.iteration
 
 
 def _report_evaluation(run: Run, records: list[dict], reporter: Reporter, plot: bool) -> None:
@@ -225,12 +416,6 @@ def _report_evaluation(run: Run, records: list[dict], reporter: Reporter, plot: 
         plot_losses(run.out / LOSS_PNG, records, f"{run.title}: {run.out.name}")
         if any(key.startswith("hook/") for key in records[-1]):
             plot_scores(run.out / SCORES_PNG, records, f"{run.title}: {run.out.name}")
-
-
-def save(run: Run, optimizer, names: list[str], it: int, dist: DataParallel) -> None:
-    if dist.is_main:
-        state = checkpoint.capture(run.model, optimizer, names, run.batches.state(), it)
-        checkpoint.save_checkpoint(run.out, state, run.model)
 
 
 @torch.no_grad()
@@ -283,5 +468,9 @@ def _write_sample(run: Run, it: int) -> None:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
+    """One strict JSON line: a value that is not finite becomes null."""
+    finite = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite, allow_nan=False) + "\n")

@@ -24,11 +24,12 @@ def have_matplotlib() -> bool:
 
 
 def plot_losses(path: Path, metrics: list[dict], title: str) -> None:
-    """Write the PNG atomically. ``metrics``: metrics.jsonl's records."""
+    """Write the PNG atomically. ``metrics``: metrics.jsonl's records (a None, a value that was
+    not finite, is left out)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    steps = [(m["iter"], m["train_loss"]) for m in metrics if "train_loss" in m]
-    evals = [(m["iter"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    steps = [(m["iter"], m["train_loss"]) for m in metrics if m.get("train_loss") is not None]
+    evals = [(m["iter"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.add_subplot()
     if steps:
@@ -53,7 +54,7 @@ def plot_scores(path: Path, metrics: list[dict], title: str) -> None:
     panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for m in metrics:
         for key, value in m.items():
-            if key.startswith("hook/"):
+            if key.startswith("hook/") and value is not None:  # None: not finite (metrics.jsonl)
                 family, _, member = key[len("hook/") :].partition("/")
                 panels.setdefault(family, {}).setdefault(member, []).append((m["iter"], value))
     if not panels:

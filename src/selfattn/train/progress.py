@@ -7,6 +7,7 @@ learning rate, tokens/s, time left). Processes other than rank 0 get `Silent`.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Protocol
 
 
@@ -76,46 +77,78 @@ class Lines(Silent):
         print(text, flush=True)
 
 
-class Bar(Lines):
-    """A rich progress bar, with the evaluation lines printed above it."""
+# The bar's fields, left to right, and the order in which they give way to a narrow terminal
+# (the last first): a field is shown whole or not at all, as explain's tables drop columns.
+FIELDS = ("title", "count", "loss", "val", "lr", "speed", "eta")
+KEEP = ("count", "loss", "val", "eta", "lr", "speed", "title")
+BAR_MIN, BAR_MAX = 10, 40  # the bar's own width: what the fields leave, within these
 
-    def __init__(self, iters: int, start: int, title: str) -> None:
+
+def bar_layout(texts: dict[str, str], width: int) -> tuple[str, int, str]:
+    """(left text, bar width, right text) for a line of at most ``width - 1`` columns: the
+    title left of the bar, the other fields right of it, as many whole ones as fit."""
+    shown: list[str] = []
+    for name in KEEP:
+        if _line_width(texts, [*shown, name], BAR_MIN) < width:
+            shown.append(name)
+    left = texts["title"] if "title" in shown else ""
+    right = "  ".join(texts[name] for name in FIELDS if name in shown and name != "title")
+    bar = max(BAR_MIN, min(BAR_MAX, width - 1 - _line_width(texts, shown, 0)))
+    return left, bar, right
+
+
+def _line_width(texts: dict[str, str], shown: list[str], bar: int) -> int:
+    right = [len(texts[name]) for name in shown if name != "title"]
+    left = len(texts["title"]) if "title" in shown else 0
+    return left + 1 + bar + 1 + sum(right) + 2 * max(len(right) - 1, 0)  # 1: rich's padding
+
+
+class Bar(Lines):
+    """A rich progress bar, with the evaluation lines printed above it. Its fields fit the
+    terminal's width each time it is drawn (`bar_layout`)."""
+
+    def __init__(self, iters: int, start: int, title: str, console=None) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn
 
         super().__init__(iters)
-        self.console = Console(file=sys.stdout)
+        self.console = console if console is not None else Console(file=sys.stdout)
+        self.bar = BarColumn(bar_width=BAR_MIN)
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
-            TextColumn("lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
+            TextColumn("[bold]{task.fields[left]}"),
+            self.bar,
+            TextColumn("{task.fields[right]}"),
             console=self.console,
         )
-        self.task = self.progress.add_task(
-            title, total=iters, completed=start, loss="-", val="-", lr="-", speed="-"
-        )
+        self.start, self.started = start, time.monotonic()
+        self.texts = {"title": title, "count": f"{start}/{iters}", "loss": "loss -",
+                      "val": "val -", "lr": "lr -", "speed": "- tok/s", "eta": "eta -"}  # fmt: skip
+        self.task = self.progress.add_task(title, total=iters, completed=start, left="", right="")
+        self._draw(start)
         self.progress.start()
 
+    def _draw(self, completed: int) -> None:
+        left, self.bar.bar_width, right = bar_layout(self.texts, self.console.width)
+        self.progress.update(self.task, completed=completed, left=left, right=right)
+
     def step(self, record: dict) -> None:
-        self.progress.update(
-            self.task,
-            completed=record["iter"],
-            loss=f"{record['train_loss']:.4f}",
-            lr=f"{record['lr']:.1e}",
-            speed=f"{record['tokens_per_s']:,.0f}",
-        )
+        done = record["iter"]
+        self.texts |= {
+            "count": f"{done}/{self.iters}",
+            "loss": f"loss {record['train_loss']:.4f}",
+            "lr": f"lr {record['lr']:.1e}",
+            "speed": f"{record['tokens_per_s']:,.0f} tok/s",
+        }
+        if done > self.start:
+            left = (time.monotonic() - self.started) / (done - self.start) * (self.iters - done)
+            self.texts["eta"] = (
+                f"eta {int(left) // 3600}:{int(left) // 60 % 60:02d}:{int(left) % 60:02d}"
+            )
+        self._draw(done)
 
     def evaluation(self, record: dict) -> None:
-        self.progress.update(self.task, val=f"{record['val_loss']:.4f}")
+        self.texts["val"] = f"val {record['val_loss']:.4f}"
+        self._draw(record["iter"])
         self.progress.console.print(eval_line(record, self.iters), markup=False, highlight=False)
 
     def message(self, text: str) -> None:
