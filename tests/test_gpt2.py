@@ -353,3 +353,25 @@ def test_induction_scores_of_a_selfattn_run_and_its_export(tmp_path, capsys):
     back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         assert_logits(back(x).logits, loaded.model(x))
+
+
+def test_a_tokenizer_larger_than_the_model_and_a_wrong_source_are_refused(folder, tmp_path):
+    path, _ = folder
+    out = copy(path, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    small = {**config, "vocab_size": 100}
+    (out / "config.json").write_text(json.dumps(small))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "model.safetensors")
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:100].clone()
+    save_file(tensors, out / "model.safetensors")
+    GPT.from_hf(out)  # the weights fit their config ...
+    with pytest.raises(ValueError, match="more than the model's vocab_size of 100"):
+        from selfattn.train.checkpoint import load_checkpoint
+
+        load_checkpoint(out)  # ... but the tokenizer's ids would not
+    with pytest.raises(TypeError, match="a folder .* or a GPT2LMHeadModel, got int"):
+        GPT.from_hf(3)
+    with pytest.raises(TypeError, match="from_hf expects a GPT2LMHeadModel, got Linear"):
+        GPT.from_hf(torch.nn.Linear(2, 2))
