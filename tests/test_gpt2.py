@@ -188,7 +188,7 @@ def test_vocab_and_merges_read_as_tokenizer_json(folder, tokenizer, tmp_path):
 
 def test_to_hf_writes_a_folder_transformers_loads_with_the_same_logits(folder, tokenizer, tmp_path):
     path, model = folder
-    out = GPT.from_hf(path).to_hf(tmp_path / "out", tokenizer)
+    out = GPT.from_hf(path).to_hf(tmp_path / "out", BPETokenizer(tokenizer))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
     back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     x = ids(tokenizer)
@@ -234,6 +234,10 @@ def test_to_hf_refuses_what_it_cannot_write_and_writes_nothing(tmp_path):
                              window=3))  # fmt: skip
     with pytest.raises(ValueError, match="sliding window"):
         windowed.to_hf(tmp_path / "w")
+    from selfattn.train.data import CharTokenizer
+
+    with pytest.raises(TypeError, match="got CharTokenizer"):
+        model.to_hf(tmp_path / "chars", CharTokenizer("ab"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 

@@ -65,7 +65,7 @@ GPT2_EOS = 50256  # <|endoftext|>, GPT-2's bos and eos
 # --- the config -----------------------------------------------------------------------------------
 
 
-def is_gpt2_config(record: object) -> bool:
+def is_transformers_config(record: object) -> bool:
     """Whether a parsed config.json is a transformers config (it has a ``model_type``)."""
     return isinstance(record, dict) and "model_type" in record
 
@@ -359,7 +359,8 @@ def save_hf(
     model: nn.Module, folder: str | Path, tokenizer=None, *, overwrite: bool = False
 ) -> Path:
     """Write ``model`` as a transformers GPT-2 folder: config.json, model.safetensors and, given
-    a ``tokenizer`` (a `tokenizers.Tokenizer`, or anything with ``to_str()``), tokenizer.json.
+    a ``tokenizer`` (a `tokenizers.Tokenizer`, or a `selfattn train` BPE tokenizer wrapping
+    one), tokenizer.json.
 
     Atomic: everything goes to a temporary folder beside it, which is then renamed into place.
     An existing non-empty ``folder`` is refused (nothing written) unless ``overwrite``."""
@@ -374,7 +375,7 @@ def save_hf(
         SAFETENSORS: st.save(state_to_hf(model), {"format": "pt"}),
     }
     if tokenizer is not None:
-        files[TOKENIZER] = tokenizer.to_str().encode()
+        files[TOKENIZER] = _tokenizer_json(tokenizer).encode()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -389,6 +390,16 @@ def save_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _tokenizer_json(tokenizer) -> str:
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # selfattn's BPETokenizer wraps one
+    if not hasattr(inner, "to_str"):
+        raise TypeError(
+            f"to_hf writes a tokenizers.Tokenizer as tokenizer.json, got "
+            f"{type(tokenizer).__name__} (a character tokenizer has no GPT-2 equivalent)"
+        )
+    return inner.to_str()
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:

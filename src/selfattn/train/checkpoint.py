@@ -366,7 +366,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> L
         record = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         record = None  # load_run says what is wrong
-    if gpt2.is_gpt2_config(record):
+    if gpt2.is_transformers_config(record):
         return load_gpt2(folder, device)
     if isinstance(record, dict) and "format" not in record:
         raise ValueError(
