@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from selfattn.explain.cli import add_explain_parser
 
-    add_explain_parser(sub, checkpoint_traces=_training_run_traces)
+    add_explain_parser(
+        sub, checkpoint_traces=_training_run_traces, checkpoint_scores=_checkpoint_head_scores
+    )
 
     from selfattn.bench.cli import add_bench_parser
 
@@ -77,6 +79,14 @@ def _training_run_traces(run_dir: str, text: str) -> list:
     from selfattn.train.traces import trace_run
 
     return trace_run(run_dir, text)
+
+
+def _checkpoint_head_scores(folder: str, seed: int | None) -> dict:
+    """`selfattn explain --checkpoint DIR --induction-scores`: every head's scores (here, as
+    `_training_run_traces`, so that explain does not import train)."""
+    from selfattn.train.head_scores import checkpoint_head_scores
+
+    return checkpoint_head_scores(folder, seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,14 +10,19 @@ import argparse
 import functools
 
 from selfattn._argtypes import non_negative_int, positive_int, probability, seed
-from selfattn.explain.run import CheckpointTraces, precision
+from selfattn.explain.run import CheckpointScores, CheckpointTraces, precision
 from selfattn.module_kinds import MODULE_KINDS
 
 
-def add_explain_parser(sub, *, checkpoint_traces: CheckpointTraces | None = None) -> None:
+def add_explain_parser(
+    sub,
+    *,
+    checkpoint_traces: CheckpointTraces | None = None,
+    checkpoint_scores: CheckpointScores | None = None,
+) -> None:
     """The ``explain`` sub-command: what to run (`_what_to_run`), its settings (`_settings`) and
-    what to show (`_outputs`). ``checkpoint_traces`` reads a training run for --checkpoint (see
-    `selfattn.explain.run`)."""
+    what to show (`_outputs`). ``checkpoint_traces`` reads a checkpoint for --checkpoint, and
+    ``checkpoint_scores`` scores its heads for --induction-scores (see `selfattn.explain.run`)."""
     ex = sub.add_parser(
         "explain",
         help="walk through the attention computation step by step",
@@ -29,7 +34,11 @@ def add_explain_parser(sub, *, checkpoint_traces: CheckpointTraces | None = None
     _what_to_run(ex)
     _settings(ex)
     _outputs(ex)
-    ex.set_defaults(run=functools.partial(run, checkpoint_traces=checkpoint_traces))
+    ex.set_defaults(
+        run=functools.partial(
+            run, checkpoint_traces=checkpoint_traces, checkpoint_scores=checkpoint_scores
+        )
+    )
 
 
 def _what_to_run(ex: argparse.ArgumentParser) -> None:
@@ -53,8 +62,15 @@ def _what_to_run(ex: argparse.ArgumentParser) -> None:
         "--checkpoint",
         metavar="DIR",
         default=None,
-        help="a model trained by `selfattn train` (its folder): its attention on --text, one "
-        "layer per block, the run's tokens as labels",
+        help="a model trained by `selfattn train`, or a transformers GPT-2 folder (config.json, "
+        "model.safetensors, tokenizer.json): its attention on --text, one layer per block, the "
+        "tokenizer's tokens as labels",
+    )
+    ex.add_argument(
+        "--induction-scores",
+        action="store_true",
+        help="with --checkpoint: a table of every layer's and head's induction and "
+        "previous-token scores on random tokens repeated (Olsson et al. 2022); --seed seeds it",
     )
     ex.add_argument(
         "--text",
@@ -134,10 +150,14 @@ def _outputs(ex: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, checkpoint_traces: CheckpointTraces | None = None) -> int:
+def run(
+    args: argparse.Namespace,
+    checkpoint_traces: CheckpointTraces | None = None,
+    checkpoint_scores: CheckpointScores | None = None,
+) -> int:
     from selfattn.explain.run import ExplainRequest, run_explain
 
     fields = ExplainRequest.__dataclass_fields__
     request = ExplainRequest(**{name: getattr(args, name) for name in fields})
-    run_explain(request, checkpoint_traces=checkpoint_traces)
+    run_explain(request, checkpoint_traces=checkpoint_traces, checkpoint_scores=checkpoint_scores)
     return 0

@@ -4,9 +4,10 @@ Every check that can fail fast (options that do not apply, output paths, optiona
 a pretrained model's layer and head, the text's length) runs before any tracing. An option that
 does not apply to the run asked for is a ValueError naming the reason (exit 2), never ignored.
 
-``--checkpoint`` reads a `selfattn train` run through the `CheckpointTraces` function its caller
-passes (`selfattn.cli` passes `selfattn.train.traces.trace_run`): explain and train are side by
-side under the CLI, and neither imports the other.
+``--checkpoint`` reads a `selfattn train` run (or a GPT-2 folder) through the `CheckpointTraces`
+function its caller passes (`selfattn.cli` passes `selfattn.train.traces.trace_run`), and
+``--induction-scores`` through `CheckpointScores` (`selfattn.train.head_scores`): explain and
+train are side by side under the CLI, and neither imports the other.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from selfattn.trace import Trace
 
 CheckpointTraces = Callable[[str, str], list[Trace]]
 """(a `selfattn train` run's folder, the text) -> the trained model's traces, one per block."""
+
+CheckpointScores = Callable[[str, "int | None"], dict]
+"""(a checkpoint folder, the probe's seed or None) -> every head's induction and previous-token
+scores (the data `selfattn.explain.scores` renders)."""
 
 MULTI_HEAD_KINDS = ("wrapper", "mha")
 DEFAULT_HEADS = 2
@@ -52,7 +57,8 @@ class ExplainRequest:
     png: str | None = None
     html: str | None = None
     step: str | None = None  # None: not given (weights)
-    checkpoint: str | None = None  # a run of `selfattn train`: its trained GPT on --text
+    checkpoint: str | None = None  # a run of `selfattn train` or a GPT-2 folder: its GPT on --text
+    induction_scores: bool = False  # every head's scores on the probe, instead of --text
 
 
 def precision(text: str) -> int:
@@ -95,6 +101,7 @@ def check_options(req: ExplainRequest) -> None:
             req.dropout is not None and req.model is not None,
             f"--dropout does not apply to {model}: it runs in evaluation mode",
         ),
+        *_scores_problems(req),
         (
             req.layer is not None and req.model is None and req.checkpoint is None,
             "--layer applies to --model minilm only (or a --checkpoint): a --module is one layer",
@@ -125,11 +132,16 @@ def run_explain(
     out: TextIO | None = None,
     *,
     checkpoint_traces: CheckpointTraces | None = None,
+    checkpoint_scores: CheckpointScores | None = None,
 ) -> None:
     """Trace what ``req`` names and render it: terminal walkthrough, JSON, PNG and/or HTML.
-    ``checkpoint_traces`` reads the run of ``req.checkpoint``; it is needed only then."""
+    ``checkpoint_traces`` reads the run of ``req.checkpoint``; it is needed only then, as
+    ``checkpoint_scores`` only for ``req.induction_scores``."""
     out = out or sys.stdout
     check_before_tracing(req)
+    if req.induction_scores:
+        _induction_scores(req, out, checkpoint_scores)
+        return
     traces = _traces(req, checkpoint_traces)  # one per layer (a module: one)
     layer = req.layer or 0
     _check_index("--layer", layer, len(traces), "layers")
@@ -202,16 +214,59 @@ def _write_files(req: ExplainRequest, traces: list[Trace], layer: int, said: Tex
         print(f"wrote {req.html}: open it in a browser (works offline)", file=said)
 
 
+def _scores_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
+    """The options that do not apply to --induction-scores, each with why."""
+    if not req.induction_scores:
+        return []
+    what = "--induction-scores"
+    table = f"{what} prints every layer's and head's scores"
+    return [
+        (req.checkpoint is None, f"{what} applies to --checkpoint DIR only: a trained model"),
+        (req.text is not None, f"--text does not apply to {what}: its probe is random tokens "
+         "repeated"),
+        (req.layer is not None or req.head is not None, f"--layer and --head do not apply to "
+         f"{what}: {table}"),
+        (req.png is not None or req.html is not None, f"--png and --html do not apply to {what}: "
+         f"{table} (--json gives them as data)"),
+    ]  # fmt: skip
+
+
+def _induction_scores(req: ExplainRequest, out: TextIO, read: CheckpointScores | None) -> None:
+    """--induction-scores: the table of every head's scores, or its data with --json."""
+    from selfattn.explain.scores import render_head_scores
+
+    if read is None:
+        raise TypeError(
+            "run_explain needs checkpoint_scores= for --induction-scores, e.g. "
+            "selfattn.train.head_scores.checkpoint_head_scores; got None"
+        )
+    data = read(req.checkpoint, req.seed)
+    if req.json:
+        json.dump(data, out)
+        out.write("\n")
+        return
+    decimals = DEFAULT_PRECISION if req.precision is None else req.precision
+    render_head_scores(data, make_console(file=out), precision=decimals)
+
+
 def _checkpoint_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
     """The options that do not apply to --checkpoint, each with why (see `check_options`)."""
     if req.checkpoint is None:
         return []
     where = f"--checkpoint {req.checkpoint}"
+    scores = req.induction_scores
     return [
-        (req.text is None, f"{where} needs --text: the text to run the trained model on"),
+        (
+            req.text is None and not scores,
+            f"{where} needs --text (the text to run the model on), or --induction-scores",
+        ),
         (req.heads is not None, f"--heads does not apply to {where}: its heads are trained"),
         (req.d_out is not None, f"--d-out does not apply to {where}: its sizes are trained"),
-        (req.seed is not None, f"--seed does not apply to {where}: its weights are trained"),
+        (
+            req.seed is not None and not scores,
+            f"--seed does not apply to {where}: its weights are trained (it seeds "
+            "--induction-scores' probe)",
+        ),
         (req.dropout is not None, f"--dropout does not apply to {where}: it runs in eval mode"),
         (req.truncate, f"--truncate does not apply to {where}: the text must fit its context"),
     ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,31 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # after out_head's own init, so the other weights do not move
             self.out_head.weight = self.tok_emb.weight
+
+    @classmethod
+    def from_hf(cls, source: str | Path | nn.Module) -> GPT:
+        """The chapter's GPT (eval mode) with OpenAI's GPT-2 weights: ``source`` is a folder in
+        transformers' GPT-2 layout (config.json; model.safetensors or pytorch_model.bin, read
+        with ``weights_only=True``) or a ``GPT2LMHeadModel``. The chapter-5 mapping is in
+        `selfattn.models.gpt2`. ValueError for a config that is not GPT-2 shaped (saying what
+        differs) or tensors that do not fit it (naming them)."""
+        from selfattn.models import gpt2
+
+        fields, tensors, where, config_name = gpt2.read_source(source)
+        cfg = GPTConfig(**fields)
+        state = gpt2.state_from_hf(tensors, cfg, where, config_name)
+        model = cls(cfg)
+        load_weights(model, state)
+        return model.eval()
+
+    def to_hf(self, path: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+        """Write this model as a transformers GPT-2 folder (config.json, model.safetensors, and
+        tokenizer.json given a `tokenizers.Tokenizer`), atomically, for
+        ``GPT2LMHeadModel.from_pretrained``: the same logits. See `selfattn.models.gpt2` for the
+        options GPT-2 lacks (no qkv bias, grouped-query attention, attention-only blocks)."""
+        from selfattn.models import gpt2
+
+        return gpt2.save_hf(self, path, tokenizer, overwrite=overwrite)
 
     @property
     def cache_len(self) -> int:

@@ -5,12 +5,14 @@ config.py       TrainConfig: every setting of a run, one dataclass
 presets.py      shakespeare-char, induction, tiny
 schedule.py     the learning rate: warm-up, cosine decay (a pure function)
 loop.py         train(run): the loop, evaluation, hooks, stop on Ctrl-C / SIGTERM
-checkpoint.py   safetensors weights and training state, atomic and checksummed; load_run
+checkpoint.py   safetensors weights and training state, atomic and checksummed; load_run, and
+                load_checkpoint (a run or a transformers GPT-2 folder)
 data_parallel.py  data parallel (torchrun): which process writes, which rows each trains on
 induction.py    the induction-head task: repeated random segments, accuracy and head scores
 progress.py     the rich progress bar, or plain lines
 command.py      `selfattn train` / `selfattn generate`: request -> run
 traces.py       a trained run's attention on a text, for `selfattn explain --checkpoint`
+head_scores.py  every head's induction / previous-token score, for `--induction-scores`
 """
 
 from selfattn.train.checkpoint import LoadedRun, load_run

@@ -28,7 +28,9 @@ Runs of an older selfattn (format "selfattn-train/1": no manifest, a checksum of
 only) are not read: the error says so in one line.
 
 `load_run(DIR)` gives the trained model and its tokenizer: what `selfattn generate` (and an
-explain of a checkpoint) needs. `load_state(DIR)` the training state a resume restores, checked
+explain of a checkpoint) needs. `load_checkpoint(DIR)` also reads a transformers GPT-2 folder
+(config.json with ``"model_type": "gpt2"``, see `selfattn.models.gpt2`): the commands that take
+``--checkpoint DIR`` call it. `load_state(DIR)` the training state a resume restores, checked
 against the model with `check_state` before anything is written.
 """
 
@@ -43,9 +45,10 @@ import torch
 from torch import Tensor
 
 from selfattn._extras import require
+from selfattn.models import gpt2
 from selfattn.models.gpt import GPT, GPTConfig, load_weights, weights_state_dict
 from selfattn.train.config import TrainConfig
-from selfattn.train.data import Tokenizer, saved_tokenizer
+from selfattn.train.data import BPETokenizer, Tokenizer, saved_tokenizer
 from selfattn.train.files import (
     CheckpointWriteError,
     atomic_write_text,
@@ -337,11 +340,59 @@ def restore(
 
 @dataclass
 class LoadedRun:
+    """A model ready to run (eval mode) and its tokenizer. For a GPT-2 folder ``train`` and
+    ``iteration`` are None and ``record`` is transformers' config.json."""
+
     model: GPT
     tokenizer: Tokenizer
     record: dict  # config.json
-    train: TrainConfig
-    iteration: int
+    train: TrainConfig | None
+    iteration: int | None
+    bos_token_id: int | None = None  # a token that starts every text (GPT-2's <|endoftext|>)
+
+    @property
+    def description(self) -> str:
+        """What the model is, in words, for captions."""
+        if self.train is None:
+            return "a GPT-2 checkpoint loaded into the chapter's GPT (GPT.from_hf)"
+        return f"the trained GPT of `selfattn train` (iteration {self.iteration})"
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """A selfattn run (`load_run`) or a transformers GPT-2 folder (`load_gpt2`), by its
+    config.json: ``"format": "selfattn-train/2"`` or a ``"model_type"``."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        record = None  # load_run says what is wrong
+    if gpt2.is_transformers_config(record):
+        return load_gpt2(folder, device)
+    if isinstance(record, dict) and "format" not in record:
+        raise ValueError(
+            f'{folder / CONFIG} is neither a selfattn run ("format": {FORMAT!r}) nor a GPT-2 '
+            'checkpoint ("model_type": "gpt2")'
+        )
+    return load_run(folder, device)
+
+
+def load_gpt2(folder: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """A transformers GPT-2 folder: `GPT.from_hf`, and its tokenizer (tokenizer.json, or
+    vocab.json + merges.txt). ValueError, in one line, for a config that is not GPT-2 shaped,
+    tensors that do not fit it (naming them), or a missing tokenizer."""
+    folder = Path(folder)
+    record = gpt2.read_config(folder)
+    gpt2.config_from_hf(record, str(folder / CONFIG))  # refused before any tensor is read
+    tokenizer = BPETokenizer(gpt2.load_tokenizer(folder))
+    model = GPT.from_hf(folder)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size of {model.config.vocab_size}"
+        )
+    bos = record.get("bos_token_id")
+    bos = bos if isinstance(bos, int) and 0 <= bos < tokenizer.vocab_size else None
+    return LoadedRun(model.to(device), tokenizer, record, None, None, bos)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:

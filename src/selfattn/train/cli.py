@@ -89,11 +89,14 @@ def add_train_parsers(subparsers) -> None:
 
     gen = subparsers.add_parser(
         "generate",
-        help="continue a prompt with a model trained by `selfattn train`",
-        description="Load a run's model and tokenizer and stream its continuation of a prompt.",
+        help="continue a prompt with a model trained by `selfattn train`, or GPT-2",
+        description="Load a run's model and tokenizer (or a transformers GPT-2 folder's) and "
+        "stream its continuation of a prompt.",
     )
     add = gen.add_argument
-    add("--checkpoint", metavar="DIR", required=True, help="a folder written by selfattn train")
+    add("--checkpoint", metavar="DIR", required=True,
+        help="a folder written by selfattn train, or a transformers GPT-2 folder (config.json, "
+        "model.safetensors, tokenizer.json)")  # fmt: skip
     add("--prompt", default="\n", help="text to continue (default: a newline)")
     add("--max-new-tokens", type=non_negative_int, default=200, help="default: 200")
     add("--temperature", type=non_negative_float, default=1.0, help="0: greedy (default: 1)")

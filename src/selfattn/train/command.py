@@ -415,7 +415,7 @@ def run_generate(req: GenerateRequest) -> int:
     if req.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {req.temperature}")
     _check_device(req.device)
-    loaded = checkpoint.load_run(req.checkpoint, req.device)
+    loaded = checkpoint.load_checkpoint(req.checkpoint, req.device)
     tokenizer = loaded.tokenizer
     prompt = tokenizer.encode(req.prompt)
     top_k = _generate_notes(req, len(prompt), loaded.model)

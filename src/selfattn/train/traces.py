@@ -1,4 +1,5 @@
 """A trained run's attention on some text: what `selfattn explain --checkpoint DIR` renders.
+DIR is a `selfattn train` run or a transformers GPT-2 folder (`load_checkpoint`).
 
     text -> the run's tokenizer -> ids (1, T), T <= context_length
          -> the trained GPT, traced (`selfattn.trace.trace_all`): one `Trace` per block, H heads
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from selfattn.trace import Trace, trace_all
-from selfattn.train.checkpoint import load_run
+from selfattn.train.checkpoint import load_checkpoint
 
 VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t"}  # whitespace tokens, drawn as labels
 
@@ -27,10 +28,10 @@ def token_label(text: str) -> str:
 
 
 def trace_run(run_dir: str | Path, text: str, device: str = "cpu") -> list[Trace]:
-    """One `Trace` per layer of the run's trained model on ``text`` (eval mode, no dropout)."""
+    """One `Trace` per layer of the checkpoint's model on ``text`` (eval mode, no dropout)."""
     if not text:
         raise ValueError("--text must hold at least one character")
-    loaded = load_run(run_dir, device)
+    loaded = load_checkpoint(run_dir, device)
     ids = loaded.tokenizer.encode(text)
     context = loaded.model.config.context_length
     if len(ids) > context:
@@ -42,7 +43,6 @@ def trace_run(run_dir: str | Path, text: str, device: str = "cpu") -> list[Trace
     traces = trace_all(loaded.model, idx, labels)
     for tr in traces:
         tr.extras["description"] = (
-            f"{Path(run_dir).name}: the trained GPT of `selfattn train` (iteration "
-            f"{loaded.iteration}), block {tr.extras['layer']}"
+            f"{Path(run_dir).name}: {loaded.description}, block {tr.extras['layer']}"
         )
     return traces
