@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from selfattn.explain.chapter import add_chapter_steps
+from selfattn.explain.inline import plot, show  # also: a Trace draws itself in Jupyter
 from selfattn.minilm_trace import trace_minilm, trace_text
 from selfattn.module_kinds import MODULE_KINDS, ModuleKind, build_module
 from selfattn.trace import Trace, trace
@@ -23,6 +24,8 @@ __all__ = [
     "example_inputs",
     "explain_example",
     "explain_traces",
+    "plot",
+    "show",
 ]
 
 # The founding text's example: "Your journey starts with one step", one 3-d embedding per word.
