@@ -246,6 +246,25 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(run, capsys, m
     assert not [p.name for p in run.iterdir() if p.name.endswith((".new", ".tmp"))]
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "samples.txt"])
+def test_a_full_disk_under_the_run_log_is_one_line_and_exit_1(run, capsys, monkeypatch, name):
+    import builtins
+
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):  # the disk fills up when a log grows
+        if str(file).endswith(name) and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    assert main(["train", "--resume", str(run), "--iters", "25", "--quiet"]) == 1
+    wanted = f"selfattn train: error: cannot write {run / name}: No space left on device\n"
+    assert capsys.readouterr().err == wanted
+    monkeypatch.undo()
+    assert checkpoint.load_state(run).iteration >= 20
+
+
 def test_a_read_only_folder_names_the_manifest_and_keeps_the_last_checkpoint(run, monkeypatch):
     def replace(src, dst):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))

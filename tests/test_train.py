@@ -205,6 +205,35 @@ def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(
     )
 
 
+def test_a_stop_during_an_evaluation_keeps_its_iteration_and_the_resume_evaluates_it(
+    tmp_path, capsys
+):
+    common = ["--iters", "20", "--eval-every", "10"]
+    assert train(capsys, tmp_path / "whole", *common) == 0
+
+    def slow_evaluation(ctx):  # Ctrl-C while iteration 10's evaluation runs
+        if ctx.iteration == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+        return {}
+
+    request = TrainRequest(
+        "tiny", {"iters": 20, "eval_every": 10, "threads": 1}, str(tmp_path / "cut"), quiet=True
+    )
+    assert run_train(request, hooks=Hooks(on_eval=[slow_evaluation])) == 130
+    capsys.readouterr()
+    assert checkpoint.load_state(tmp_path / "cut").iteration == 10
+    assert [r["iter"] for r in metrics(tmp_path / "cut")] == list(range(1, 11))
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    capsys.readouterr()
+    whole, cut = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert [r["iter"] for r in cut] == list(range(1, 21))
+    for key in ("train_loss", "val_loss", "eval_train_loss", "lr"):
+        assert [(r["iter"], r[key]) for r in whole if key in r] == [
+            (r["iter"], r[key]) for r in cut if key in r
+        ]
+
+
 def test_resume_continues_up_to_more_iterations(finished, tmp_path, capsys):
     run = shutil.copytree(finished, tmp_path / "run")
     assert main(["train", "--resume", str(run), "--iters", "64", "--quiet"]) == 0

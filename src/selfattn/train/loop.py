@@ -54,6 +54,7 @@ from selfattn.train import checkpoint
 from selfattn.train.config import TrainConfig
 from selfattn.train.data import RandomBatches, Tokenizer
 from selfattn.train.data_parallel import SINGLE, DataParallel
+from selfattn.train.files import atomic_write_text, cannot_write
 from selfattn.train.plot import have_matplotlib, plot_losses, plot_scores
 from selfattn.train.progress import Reporter, Silent
 from selfattn.train.schedule import learning_rate
@@ -273,23 +274,46 @@ class _Loop:
         if self.dist.is_main and not self.plot:
             self.reporter.message(f"{LOSS_PNG} skipped: drawing it needs the 'plot' extra")
         self.worker = _Worker(self.stop)
+        self.pending = None  # an iteration's record while its evaluation runs
         try:
+            self.finish_evaluation()
             while self.it < cfg.iters:
                 if self.stop.requested:
                     raise _Stopped
                 record = self.train_step()
-                evaluating = self.it % cfg.eval_every == 0 or self.it == cfg.iters
-                if evaluating:
+                if self.evaluating():
+                    self.pending = record
                     record |= self.worker.run(self.evaluate)
                     self.check_finite(record)
+                self.pending = None
                 self.log(record)
-                if evaluating:
+                if self.evaluating():
                     self.commit()
         except _Stopped:
             return self.drop_and_save()
         finally:
             self.worker.close(0)
         return Result(self.it, False, self.records)
+
+    def evaluating(self) -> bool:
+        """Whether the iteration just finished (``self.it``) ends with an evaluation."""
+        return self.it % self.cfg.eval_every == 0 or self.it == self.cfg.iters
+
+    def finish_evaluation(self) -> None:
+        """A run stopped during an evaluation kept its iteration but not the evaluation: run it
+        now, so the resumed run's records equal the uninterrupted run's."""
+        if not self.records or self.records[-1]["iter"] != self.it or not self.evaluating():
+            return
+        if "val_loss" in self.records[-1]:
+            return
+        record = self.records.pop() | self.worker.run(self.evaluate)
+        self.check_finite(record)
+        self.records.append(record)
+        if self.dist.is_main:
+            lines = "".join(_jsonl_line(r) for r in self.records)
+            atomic_write_text(self.run.out / METRICS, lines)
+            self.reporter.message(f"iteration {self.it}'s evaluation, stopped before, is done now")
+        self.commit()
 
     def train_step(self) -> dict:
         """One iteration: the batch; forward and backward (the worker); the step (here)."""
@@ -357,7 +381,7 @@ class _Loop:
         for hook in self.hooks.on_step:
             hook(record)
         if self.dist.is_main:
-            _append_jsonl(self.run.out / METRICS, record)
+            _append(self.run.out / METRICS, _jsonl_line(record))
             self.reporter.step(record)
 
     def commit(self) -> None:
@@ -392,6 +416,8 @@ class _Loop:
         let the worker go. Each process stops on its own signal, without a collective (a peer
         may be inside one long operation): `Result.abandoned` for several processes, or when
         the worker is still busy after `GRACE_S`."""
+        if self.pending is not None:  # the iteration is complete; its evaluation is not
+            self.log(self.pending)
         if self.saved_at != self.it and self.dist.is_main:
             self.save()
         finished = self.worker.close(GRACE_S)
@@ -463,14 +489,21 @@ def _write_sample(run: Run, it: int) -> None:
     device = next(run.model.parameters()).device
     generator = eval_generator(run.config, it, device)
     text = sample(run.model, run.tokenizer, run.config.sample_tokens, generator)
-    with open(run.out / SAMPLES, "a", encoding="utf-8") as f:
-        f.write(f"=== iteration {it} ===\n{text}\n\n")
+    _append(run.out / SAMPLES, f"=== iteration {it} ===\n{text}\n\n")
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def _jsonl_line(record: dict) -> str:
     """One strict JSON line: a value that is not finite becomes null."""
     finite = {
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
     }
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(finite, allow_nan=False) + "\n")
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def _append(path: Path, text: str) -> None:
+    """Append ``text`` to ``path``; `CheckpointWriteError` naming the file when it fails."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise cannot_write(path, err) from None
