@@ -13,6 +13,19 @@ from torch import Tensor
 # bool is never a number here, and a float must be finite.
 
 
+def check_device(device: str, name: str = "device") -> str:
+    """``device`` ("cpu" or "cuda"), or a ValueError when it is neither or no CUDA device is
+    available here."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} 'cuda' asked for, but torch sees no CUDA device here")
+    return device
+
+
+# ---- numbers ----
+
+
 def positive_int(name: str | None, value: object) -> int:
     """``value`` as an int >= 1, or a TypeError / ValueError naming what arrived."""
     return _int_within(name, value, 1, None, "a positive integer")

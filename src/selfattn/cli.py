@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from selfattn._errors import first_line
 from selfattn._extras import MissingExtra
 
 EXIT_FAILURE = 1
@@ -117,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # quiet, as a shell shows ^C; `selfattn train` says what it saved
         return EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError, MissingExtra) as error:
-        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(error)}", file=sys.stderr)
         return getattr(error, "exit_status", EXIT_USAGE)
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-        print(f"{prog}: error: {_one_line(error, kind=True)}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(error, kind=True)}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         sys.stdout, sys.stderr = out.stream, err.stream
@@ -172,16 +173,6 @@ class _ReaderGone:
     def _went_away(self) -> None:
         self.gone = True
         _silence(self.stream)
-
-
-def _one_line(err: BaseException, *, kind: bool = False) -> str:
-    """The first line of ``err``'s message (its type's name when empty), after the name if asked."""
-    name = type(err).__name__
-    text = str(err).strip()
-    if not text:
-        return name
-    first = text.splitlines()[0]
-    return f"{name}: {first}" if kind else first
 
 
 def _silence(stream) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from selfattn._checks import check_device
 from selfattn.bench.contenders import CONTENDERS, DECODERS
 from selfattn.bench.machine import total_memory_bytes
 from selfattn.bench.results import DTYPES, Case
@@ -334,11 +335,7 @@ def _threads(config: BenchConfig, preset: Preset, notes: list[str]) -> int:
 def _device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
-    return device
+    return check_device(device)
 
 
 def _contenders(names, preset: Preset) -> list:

@@ -66,6 +66,7 @@ from selfattn._checks import (
     positive_int,
     probability,
 )
+from selfattn._seeds import mixed_seed
 from selfattn.engines.registry import (
     AttentionRequest,
     BlockKernels,
@@ -379,7 +380,7 @@ def _draw_seed() -> int:
 def _dropout_keep(seed: int, qi: int, ki: int, shape, keep_prob: float, device) -> Tensor:
     """Tile (qi, ki)'s keep-mask, bool of ``shape`` (N, R, bk); the same on every call."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(((seed * 1_000_003 + qi) * 1_000_033 + ki) & (2**63 - 1))
+    gen.manual_seed(mixed_seed(seed, qi, ki))
     return torch.rand(shape, generator=gen, device=device) < keep_prob
 
 

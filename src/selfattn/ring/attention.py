@@ -53,9 +53,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selfattn._checks import check_flag, check_qkv, check_scale
+from selfattn._errors import first_line
 from selfattn.engines import RING_ORDER, AttentionRequest, BlockKernels, get_engine
 from selfattn.functional import merge_partials
-from selfattn.ring.comm import Pending, RingComm, first_line
+from selfattn.ring.comm import Pending, RingComm
 from selfattn.ring.layouts import (
     LAYOUTS,
     check_layout,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor
 
+from selfattn._errors import first_line
+
 
 def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """This process's rank in ``group`` and the group's size; (0, 1) when ``group`` is None and
@@ -86,8 +88,3 @@ class Pending:
                 ) from err
         self.sent = []
         return self.received
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

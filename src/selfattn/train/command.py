@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from selfattn._checks import check_device as _check_device
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import RESUMABLE, TrainConfig
@@ -30,7 +31,6 @@ from selfattn.train.data import (
     saved_tokenizer,
 )
 from selfattn.train.data_parallel import DataParallel, PeerFailure
-from selfattn.train.data_parallel import check_device as _check_device
 from selfattn.train.files import remove_stale
 from selfattn.train.induction import InductionBatches, induction_metrics, induction_tokenizer
 from selfattn.train.loop import (

@@ -51,18 +51,13 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from selfattn.ring.comm import first_line
+from selfattn._checks import check_device
+from selfattn._errors import first_line
 
 TIMEOUT_S = 45  # a collective that waits longer for a peer fails (the process group's timeout)
 BEAT_S = 1.0  # rank 0's beats during its solo work
 POLL_S = 0.05  # how often a waiting process looks at the store
 _SOLO_OK, _SOLO_FAILED = 1, 2  # what rank 0 leaves in the store when its solo work ends
-
-
-def check_device(device: str) -> None:
-    """ValueError when ``device`` is "cuda" and no CUDA device is available here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
 
 
 class PeerFailure(RuntimeError):

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfattn._seeds import mixed_seed
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import TrainConfig
@@ -205,15 +206,6 @@ class _Worker:
         if finished:  # let it end while the interpreter is whole, not in its teardown
             self.thread.join()
         return finished
-
-
-def mixed_seed(*parts: int) -> int:
-    """One 63-bit seed from several integers (a polynomial hash): the seed of a generator that
-    must depend on, say, the run's seed and an iteration, and on nothing else."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % 2**63
-    return seed
 
 
 def dropout_seed(seed: int, rank: int, iteration: int) -> int:
