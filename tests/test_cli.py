@@ -584,5 +584,8 @@ def test_more_threads_than_cores_is_a_one_line_warning_and_the_run_goes_on(
     assert main([*args, "--threads", "2", "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert err == "selfattn train: warning: --threads 2 is more than this machine's 1 core\n"
+    resume = ["train", "--resume", str(tmp_path / "run"), "--iters", "2", "--quiet"]
+    assert main(resume) == 0  # the resumed run keeps its 2 threads: the same warning
+    assert capsys.readouterr().err == err
     assert main([*args, "--threads", "1", "--out", str(tmp_path / "again")]) == 0
     assert capsys.readouterr().err == ""

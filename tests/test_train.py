@@ -24,6 +24,7 @@ import torch
 from selfattn.cli import main
 from selfattn.train import checkpoint, command, files
 from selfattn.train.command import TrainRequest, run_train
+from selfattn.train.config import TrainConfig
 from selfattn.train.data import (
     Batches,
     CharTokenizer,
@@ -345,6 +346,31 @@ def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tmp_path):
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "stopped at once" in err
     assert checkpoint.load_state(out).iteration == 2 and checkpoint.load_run(out).iteration == 2
+
+
+def test_a_second_signal_on_a_terminal_gives_the_cursor_back(monkeypatch):
+    written = []
+    monkeypatch.setattr(os, "isatty", lambda fd: True)
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append((fd, data)))
+    monkeypatch.setattr(os, "_exit", lambda status: written.append(("exit", status)))
+    command._exit_now(command.DataParallel.from_env("cpu"))
+    assert written[:2] == [(1, b"\x1b[?25h"), (2, b"\x1b[?25h")]
+    assert written[2][0] == 2 and written[2][1].startswith(b"\nselfattn train: stopped at once")
+    assert written[3] == ("exit", 130)
+
+
+def test_the_memory_floor_counts_a_containers_limit(tmp_path, monkeypatch):
+    assert command.cgroup_free_bytes(tmp_path) is None  # no cgroup v2 files: no limit known
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert command.cgroup_free_bytes(tmp_path) is None
+    (tmp_path / "memory.max").write_text(f"{300 * 2**20}\n")
+    (tmp_path / "memory.current").write_text(f"{100 * 2**20}\n")
+    assert command.cgroup_free_bytes(tmp_path) == 200 * 2**20
+    monkeypatch.setattr(command, "CGROUP", tmp_path)
+    assert command._available_bytes("cpu") == 200 * 2**20  # less than the machine's RAM
+    with pytest.raises(ValueError, match=r"but 0\.2 GiB is free in RAM"):
+        command.check_memory(TrainConfig(block_size=4096, batch_size=64))
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ from selfattn._argtypes import (
     positive_int,
     probability,
     seed,
-    warn_if_more_threads_than_cores,
 )
 
 # (flag, TrainConfig field, argparse type, help); each is an override, absent unless given
@@ -113,7 +112,6 @@ def _run_train(args: argparse.Namespace) -> int:
     from selfattn.train.command import TrainRequest, run_train
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_OVERRIDES}
-    warn_if_more_threads_than_cores("train", overrides.get("threads"))
     request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet)
     return run_train(request)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from selfattn._argtypes import warn_if_more_threads_than_cores
 from selfattn._checks import check_device as _check_device
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
@@ -77,6 +78,8 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     hooks = hooks or Hooks()
     if cfg.data == "induction":
         hooks = dataclasses.replace(hooks, on_eval=[induction_metrics, *hooks.on_eval])
+    if dist.is_main:  # the run's own setting: passed now, or saved by the run resumed
+        warn_if_more_threads_than_cores("train", cfg.threads)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -137,12 +140,19 @@ def _report_end(result: Result, run: Run, dist: DataParallel) -> int:
     return 0
 
 
+SHOW_CURSOR = b"\x1b[?25h"  # the ANSI sequence that undoes rich's hidden cursor
+
+
 def _exit_now(dist: DataParallel) -> None:
     """A second Ctrl-C / SIGTERM: leave at once. Checkpoints are written atomically, so the last
-    complete one is intact whatever was being written."""
+    complete one is intact whatever was being written. A terminal gets its cursor back (the
+    progress bar hides it) and the message on a line of its own."""
+    terminal = [fd for fd in (1, 2) if os.isatty(fd)]
+    for fd in terminal:
+        os.write(fd, SHOW_CURSOR)
     if dist.is_main:
-        os.write(2, b"selfattn train: stopped at once (a second signal); the last complete "
-                    b"checkpoint is kept\n")  # fmt: skip
+        os.write(2, (b"\n" if 2 in terminal else b"") + b"selfattn train: stopped at once (a "
+                 b"second signal); the last complete checkpoint is kept\n")  # fmt: skip
     os._exit(EXIT_INTERRUPTED)
 
 
@@ -194,9 +204,15 @@ def check_memory(cfg: TrainConfig, world_size: int = 1) -> None:
 
 
 def _available_bytes(device: str) -> int | None:
-    """Free memory for the run: the GPU's, or the kernel's MemAvailable (None: unknown)."""
+    """Free memory for the run: the GPU's; on the CPU the kernel's MemAvailable, or less when
+    the process's cgroup (a container's limit) leaves less (None: unknown)."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
+    known = [n for n in (_ram_available_bytes(), cgroup_free_bytes()) if n is not None]
+    return min(known) if known else None
+
+
+def _ram_available_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -206,6 +222,22 @@ def _available_bytes(device: str) -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
+        return None
+
+
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2's unified hierarchy, as a container sees it
+
+
+def cgroup_free_bytes(root: Path | None = None) -> int | None:
+    """What this process's cgroup v2 (at ``root``, default `CGROUP`) still allows: memory.max
+    minus memory.current; None when there is no limit ("max") or no cgroup v2 to read."""
+    root = CGROUP if root is None else root
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
         return None
 
 
