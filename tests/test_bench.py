@@ -4,6 +4,7 @@ correctness gate that keeps a wrong contender from being timed. No assertion her
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from selfattn.bench import (
     write_json,
 )
 from selfattn.bench.contenders import ProjectedKernel
+from selfattn.bench.presets import resolve
 from selfattn.bench.results import STATUSES
 from selfattn.bench.runner import _extrapolate
 from selfattn.cli import main
@@ -491,3 +493,17 @@ def test_a_reason_with_brackets_is_printed_whole():
     console = Console(width=200, record=True)
     console.print(_status(m))
     assert "selfattn[bench]" in console.export_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "needle"),
+    [
+        (dict(heads=(0,)), ValueError, "heads must be a positive integer, got 0"),
+        (dict(lengths=(64, 2.0)), TypeError, "length must be a positive integer, got float"),
+        (dict(batch=(True,)), TypeError, "batch must be a positive integer, got bool True"),
+        (dict(threads=0), ValueError, "threads must be a positive integer, got 0"),
+    ],
+)
+def test_a_bench_config_is_checked_in_the_words_of_every_other_check(change, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
+        resolve(BenchConfig(preset="quick", **change))

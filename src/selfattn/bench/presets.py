@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from selfattn._checks import check_device
+from selfattn._checks import check_device, positive_int
 from selfattn.bench.contenders import CONTENDERS, DECODERS
 from selfattn.bench.machine import total_memory_bytes
 from selfattn.bench.results import DTYPES, Case
@@ -287,8 +287,7 @@ def _cases(config: BenchConfig, preset: Preset, device: str, notes: list[str]) -
         ("length", lengths),
     ):
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, v)
     if lengths[-1] > MAX_LENGTH:
         raise ValueError(f"length {lengths[-1]} is over the largest supported, {MAX_LENGTH}")
     return tuple(
@@ -325,8 +324,8 @@ def _threads(config: BenchConfig, preset: Preset, notes: list[str]) -> int:
     """Torch threads for the run: asked for, else the preset's (said in ``notes``), else
     torch's current setting."""
     threads = config.threads if config.threads is not None else preset.threads
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if threads is not None:
+        positive_int("threads", threads)
     if threads is not None and config.threads is None:
         notes.append(f"{threads} thread(s), the {preset.name} preset's (--threads to change)")
     return threads or torch.get_num_threads()
