@@ -217,6 +217,13 @@ def test_the_readme_links_every_guide():
     assert guides <= linked, f"README.md does not link {sorted(guides - linked)}"
 
 
+def test_the_readme_is_a_front_door():
+    """At most 250 lines: what selfattn is, the commands, an example per area, figures, links;
+    everything else lives in docs/."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
 def test_link_checker_catches_broken_links(tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     docs.mkdir()
