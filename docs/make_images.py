@@ -1,6 +1,6 @@
 """Regenerate every image in docs/ (not docs/bench/) from the current code: `make docs-images`.
 
-Each image is made by the command the README shows beside it:
+Each image is made by the command the docs show beside it (docs/explain.md, docs/training.md):
 
     docs/explain-heatmap.png   selfattn explain --module mha --heads 2 --png ...
     docs/explain-page.png      selfattn explain --module mha --heads 2 --html ..., then

@@ -1,6 +1,7 @@
 """The functional core: `attention()` checks its arguments once, then hands them to an engine.
 
 Shape legend (PyTorch SDPA's layout and vocabulary):
+
     B   batch size
     Hq  query heads; Hkv key/value heads, Hq a multiple of Hkv (GQA; Hkv = 1 is MQA)
     Lq  target (query) length; Lk source (key/value) length
@@ -9,7 +10,7 @@ Shape legend (PyTorch SDPA's layout and vocabulary):
     q (B, Hq, Lq, E)   k (B, Hkv, Lk, E)   v (B, Hkv, Lk, Ev)   ->   out (B, Hq, Lq, Ev)
 
 ``is_causal`` is aligned to the **bottom-right** corner: query i may see keys j <= i + Lk - Lq.
-For Lq = 2, Lk = 5 (two new tokens after three cached ones)::
+For Lq = 2, Lk = 5 (two new tokens after three cached ones):
 
        k0 k1 k2 k3 k4
     q0  1  1  1  1  0

@@ -6,7 +6,7 @@ selfattn aligns the causal mask to the **bottom-right** corner: query ``i`` (of 
 keys ``j <= i + (Lk - Lq)``. The last query always sees the last key, which is what decoding with a
 KV cache needs: the new tokens are the *last* ``Lq`` of ``Lk`` positions.
 
-Lq = 2, Lk = 5 (two new tokens after three cached ones)::
+Lq = 2, Lk = 5 (two new tokens after three cached ones):
 
     bottom-right (selfattn)     top-left (SDPA's is_causal when Lq != Lk)
        k0 k1 k2 k3 k4              k0 k1 k2 k3 k4
@@ -19,7 +19,7 @@ engine returns zeros there (and passes zero gradient).
 Sliding window
 --------------
 ``window=W`` (always together with causal) keeps the ``W`` most recent keys of each query, itself
-included: ``i + off - W < j <= i + off`` with ``off = Lk - Lq``. Lq = Lk = 5, W = 2::
+included: ``i + off - W < j <= i + off`` with ``off = Lk - Lq``. Lq = Lk = 5, W = 2:
 
        k0 k1 k2 k3 k4
     q0  1  0  0  0  0

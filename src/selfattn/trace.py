@@ -12,6 +12,7 @@ The chapter's `MultiHeadAttentionWrapper` is one layer, its heads side by side.
 
 Shapes in a trace are for one sample (``sample=``) of the batch; L queries, S keys (S = L, unless
 a KV cache holds earlier tokens):
+
     inputs          (L, d_in)
     queries         (H, L, D)      H heads, D head width (d_k)
     keys            (H, S, D)      the key/value head each query head reads: with grouped-query

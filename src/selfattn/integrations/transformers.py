@@ -17,6 +17,7 @@ Importing this module registers, with transformers' `AttentionInterface` and
 `selfattn._extras.MissingExtra` naming it. Written against transformers 5.x (checked on 5.24).
 
 Shape legend (transformers' names; selfattn's own in brackets):
+
     B   batch size
     Hq  query heads; Hkv key/value heads, Hq a multiple of Hkv (GQA: keys are never repeated)
     L   query length [Lq]; S key/value length [Lk], the cache included
@@ -33,7 +34,7 @@ for each mask; all four names get `selfattn_mask` (every engine takes boolean ma
   no padding. This is checked on transformers' own mask function, row block by row block, never
   assumed. The attention function then runs ``is_causal=True, window=sliding_window``, so the
   tiled engine skips masked blocks and no (L, S) mask is ever built. For L = 2, S = 5 (three
-  cached tokens), window 3::
+  cached tokens), window 3:
 
            k0 k1 k2 k3 k4
         q0  0  1  1  1  0
