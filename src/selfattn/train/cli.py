@@ -85,6 +85,9 @@ def add_train_parsers(subparsers) -> None:
     add("--resume", metavar="DIR", help="continue the run in DIR (up to --iters in all)")
     add("--force", action="store_true", help="overwrite a run already in --out")
     add("--quiet", action="store_true", help="no progress bar: one line per evaluation")
+    add("--tensorboard", metavar="DIR", default=None,
+        help="also write the scalars and the probe's attention images for TensorBoard into DIR "
+        "(needs the 'tensorboard' extra)")  # fmt: skip
     tr.set_defaults(run=_run_train)
 
     gen = subparsers.add_parser(
@@ -106,7 +109,7 @@ def add_train_parsers(subparsers) -> None:
     gen.set_defaults(run=_run_generate)
 
 
-_NOT_OVERRIDES = {"command", "run", "preset", "out", "resume", "force", "quiet"}
+_NOT_OVERRIDES = {"command", "run", "preset", "out", "resume", "force", "quiet", "tensorboard"}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -114,7 +117,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_OVERRIDES}
     warn_if_more_threads_than_cores("train", overrides.get("threads"))
-    request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet)
+    request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet,
+                           tensorboard=args.tensorboard)  # fmt: skip
     return run_train(request)
 
 
