@@ -102,8 +102,8 @@ def check_options(req: ExplainRequest) -> None:
             req.dropout is not None and req.model is not None,
             f"--dropout does not apply to {model}: it runs in evaluation mode",
         ),
-        *_scores_problems(req),
         *_timeline_problems(req),
+        *_scores_problems(req),
         (
             req.layer is not None and req.model is None and req.checkpoint is None,
             "--layer applies to --model minilm only (or a --checkpoint): a --module is one layer",
