@@ -67,7 +67,9 @@ def add_train_parsers(subparsers) -> None:
         help="train a small GPT on text, with live progress and safe checkpoints",
         description="Train the chapter's GPT (on selfattn's MultiHeadAttention) on tiny "
         "Shakespeare or any text. --out receives model.safetensors, config.json, metrics.jsonl, "
-        f"loss.png and samples.txt. Presets: {presets}. Ctrl-C saves a checkpoint (exit 130).",
+        "loss.png, samples.txt and probes.safetensors (every head's attention on a fixed probe "
+        f"at each evaluation: explain --timeline). Presets: {presets}. Ctrl-C saves a "
+        "checkpoint (exit 130).",
     )
     add = tr.add_argument
     add("--preset", choices=list(PRESETS), help="starting settings (default: shakespeare-char)")

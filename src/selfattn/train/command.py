@@ -73,17 +73,16 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
         check_memory(planned, dist.world_size)
         run = resume_run(req, dist) if req.resume else new_run(req, dist)
         dist.barrier()  # rank 0 has prepared the folder
+        hooks, board = _recorders(req, run, dist, hooks or Hooks())
     except BaseException:
         dist.close()
         raise
     cfg = run.config
-    hooks = hooks or Hooks()
     if cfg.data == "induction":
         hooks = dataclasses.replace(hooks, on_eval=[induction_metrics, *hooks.on_eval])
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    hooks, board = _recorders(req, run, dist, hooks)
     reporter = _reporter(req, run, dist)
     reporter.message(describe_schedule(cfg, run.state.iteration if run.state else 0))
     result = None
@@ -373,13 +372,14 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
     model = GPT(model_config)
     checkpoint.check_state(state, model, out)  # names and shapes: the state will load
     history = _history(out / METRICS, state.iteration)
-    probes = kept_probes(out, state.iteration)  # the timeline's, up to the checkpoint too
+    cut, probes = kept_probes(out, state.iteration)  # the timeline's, up to the checkpoint too
     dist.barrier()  # every process has read the folder before rank 0 changes it
     if dist.is_main:  # checked: now the folder changes
         record["train"] = dataclasses.asdict(cfg)
         checkpoint.write_config(out, record)
         checkpoint.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
-        write_probes(out, probes)
+        if cut:
+            write_probes(out, probes)
     return Run(cfg, model, tokenizer, batches, out, record.get("preset", "train"), state, history)
 
 

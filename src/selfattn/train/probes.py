@@ -102,14 +102,16 @@ class ProbeRecorder:
         self.last = (iteration, attention)
 
 
-def kept_probes(out: Path, iteration: int) -> Probes | None:
+def kept_probes(out: Path, iteration: int) -> tuple[bool, Probes | None]:
     """A resume's probes: RUN/probes.safetensors' evaluations up to the checkpoint's
-    ``iteration`` (later ones, like metrics.jsonl's later records, were not checkpointed); None
-    when there are none. Read before the resume changes anything (a damaged file: ValueError)."""
+    ``iteration`` (later ones, like metrics.jsonl's later records, were not checkpointed), and
+    whether that changes the file; None when none are left. Read before the resume changes
+    anything (a damaged file: ValueError)."""
     if not (Path(out) / PROBES).is_file():
-        return None
-    kept = read_probes(out).until(iteration)
-    return kept if len(kept) else None
+        return False, None
+    probes = read_probes(out)
+    kept = probes.until(iteration)
+    return len(kept) != len(probes), kept if len(kept) else None
 
 
 def write_probes(out: Path, probes: Probes | None) -> None:
