@@ -328,9 +328,23 @@ def test_a_resumed_run_continues_its_tensorboard_log(tmp_path, capsys):
         "induction", {**SMALL, "threads": 1}, str(out), quiet=True, tensorboard=str(board)
     )
     assert run_train(request, hooks=Hooks(on_step=[_stop_at(3)])) == 130
+    # a run killed past its checkpoint (iteration 3) had logged iterations 4 and 5 too
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(board)) as late:
+        for step in (4, 5):
+            late.add_scalar("loss/train", 99.0, step)
     assert main(["train", "--resume", str(out), "--quiet", "--tensorboard", str(board)]) == 0
     capsys.readouterr()
-    _scalars_match_metrics(board, out)
+    _scalars_match_metrics(board, out)  # the resumed run's values alone: 99 is purged
+
+
+def test_a_tensorboard_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "tb").write_text("")
+    out = tmp_path / "run"
+    assert main([*INDUCTION, "--out", str(out), "--tensorboard", str(tmp_path / "tb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is a file: expected a folder for event files") and not out.exists()
 
 
 def test_tensorboard_without_its_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
