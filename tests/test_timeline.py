@@ -277,7 +277,7 @@ def test_show_draws_a_timeline_inline_with_its_own_ids(induction_run, tmp_path):
 
 
 def test_show_timeline_refuses_what_it_cannot_show(induction_run):
-    with pytest.raises(TypeError, match="pass timeline=True"):
+    with pytest.raises(TypeError, match=r"folder: show\(run_dir, timeline=True\)"):
         show(str(induction_run))
     with pytest.raises(TypeError, match="expects the folder of a selfattn train run"):
         show(torch.nn.Linear(2, 2), timeline=True)

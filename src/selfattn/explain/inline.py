@@ -121,24 +121,19 @@ def show(
     timeline (`TimelineView`): a slider over the evaluations driving every head's attention on
     the probe the run recorded, beside the loss and score curves.
     """
-    if timeline or isinstance(source, str | os.PathLike):
-        return _timeline(source, x, tokens, layer, head, step, timeline)
+    if timeline:
+        return _timeline(source, x, tokens, layer, head, step)
     traces = _traces("show", source, x, tokens)
     layer = _index("layer", layer, len(traces))
     head = _index("head", head, traces[layer].num_heads)
     return View(traces, layer=layer, head=head, step=_step("show", step, PAGE_STEPS))
 
 
-def _timeline(source, x, tokens, layer, head, step, timeline: bool) -> TimelineView:
+def _timeline(source, x, tokens, layer, head, step) -> TimelineView:
     if not isinstance(source, str | os.PathLike):
         raise TypeError(
             f"show(run_dir, timeline=True) expects the folder of a selfattn train run (a str or "
             f"path); got {_describe(source)}"
-        )
-    if not timeline:
-        raise TypeError(
-            f"show({str(source)!r}) got a folder: pass timeline=True for a training run's "
-            "timeline (or a module and its input, or a Trace)"
         )
     given = [n for n, v in (("x", x), ("tokens", tokens), ("layer", layer), ("head", head),
                             ("step", step)) if v is not None]  # fmt: skip
@@ -216,9 +211,11 @@ def _traces(caller: str, source: object, x: object, tokens: Sequence[str] | None
             )
         traces = [source] if isinstance(source, Trace) else list(source)
     else:
+        run = " (a training run's folder: show(run_dir, timeline=True))"
         raise TypeError(
             f"{caller} expects an nn.Module and its input x, a Trace, or a non-empty list of "
             f"Traces (one per layer); got {_describe(source)}"
+            f"{run if caller == 'show' and isinstance(source, str | os.PathLike) else ''}"
         )
     return [
         add_chapter_steps(Trace(t.module, t.tokens, dict(t.steps), dict(t.extras))) for t in traces
