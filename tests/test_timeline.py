@@ -354,3 +354,16 @@ def test_tensorboard_without_its_extra_is_one_line_naming_it(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'tensorboard' extra" in err, err
     assert not out.exists() and not (tmp_path / "tb").exists()
+
+
+def test_a_short_validation_split_is_probed_from_its_start():
+    from selfattn.train.data import CharTokenizer
+    from selfattn.train.presets import PRESETS
+    from selfattn.train.probes import probe_tokens
+
+    tokenizer = CharTokenizer("\nabcxy")
+    cfg = PRESETS["tiny"].config.replace(block_size=4)
+    long = torch.tensor(tokenizer.encode("ab\ncxyab"))
+    assert tokenizer.decode(probe_tokens(cfg, tokenizer, long)[0].tolist()) == "cxya"
+    short = torch.tensor(tokenizer.encode("abc\nxy"))  # the first line leaves 2 tokens: too few
+    assert tokenizer.decode(probe_tokens(cfg, tokenizer, short)[0].tolist()) == "abc\n"

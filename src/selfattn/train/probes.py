@@ -41,6 +41,8 @@ def probe_tokens(cfg, tokenizer: Tokenizer, val: Tensor | None) -> tuple[Tensor,
         tokens = repeated_segments(1, length, tokenizer.vocab_size, generator)[0]
         return tokens, "induction", f"{length} tokens: a random segment, repeated"
     start = _first_line(val, tokenizer)
+    if start + length > val.numel():  # a short validation split: from its start instead
+        start = 0
     tokens = val[start : start + length].clone()
     about = f"{tokens.numel()} tokens of the validation split, from its first line"
     return tokens, "text", about
