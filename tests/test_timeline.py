@@ -297,6 +297,11 @@ def _events(folder: Path):
 
 
 def _scalars_match_metrics(board: Path, run: Path) -> None:
+    _scalars_match_metrics_of(board, run, {"loss/train", "loss/val", "train/lr", "induction/L1H0"})
+
+
+def _scalars_match_metrics_of(board: Path, run: Path, among: set[str]) -> None:
+    """TensorBoard's scalars are metrics.jsonl's, tag by tag, ``among`` them."""
     events = _events(board)
     logged = set(events.Tags()["scalars"])
     wanted = {}
@@ -305,7 +310,7 @@ def _scalars_match_metrics(board: Path, run: Path) -> None:
             if tag(key) is not None:
                 wanted.setdefault(tag(key), []).append((r["iter"], value))
     assert logged == set(wanted)
-    assert {"loss/train", "loss/val", "train/lr", "train/tokens_per_s", "induction/L1H0"} <= logged
+    assert among | {"train/tokens_per_s"} <= logged
     for name, points in wanted.items():  # float32 in the event file: exactly the rounded value
         got = [(e.step, e.value) for e in events.Scalars(name)]
         assert got == [(it, float(torch.tensor(v, dtype=torch.float32))) for it, v in points]
@@ -367,3 +372,19 @@ def test_a_short_validation_split_is_probed_from_its_start():
     assert tokenizer.decode(probe_tokens(cfg, tokenizer, long)[0].tolist()) == "cxya"
     short = torch.tensor(tokenizer.encode("abc\nxy"))  # the first line leaves 2 tokens: too few
     assert tokenizer.decode(probe_tokens(cfg, tokenizer, short)[0].tolist()) == "abc\n"
+
+
+def test_under_two_processes_rank_0_alone_records_the_probes_and_tensorboard(tmp_path):
+    import test_data_parallel
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    out, board = tmp_path / "run", tmp_path / "board"
+    args = ["train", "--preset", "tiny", "--quiet", "--threads", "1", "--iters", "4",
+            "--eval-every", "2", "--eval-iters", "1", "--sample-tokens", "0", "--out", str(out),
+            "--tensorboard", str(board)]  # fmt: skip
+    ranks = test_data_parallel.launch(["-m", "selfattn"], args)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    assert len(list(board.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
+    assert read_probes(out).iterations.tolist() == [2, 4]
+    _scalars_match_metrics_of(board, out, {"loss/train", "loss/val", "train/lr"})
