@@ -110,6 +110,8 @@ def test_a_text_run_probes_the_first_line_of_its_validation_split(tmp_path, caps
     val = encode_splits(read_corpus(None), run.tokenizer, 32).val
     text = run.tokenizer.decode(val.tolist())
     start = text.index("\n") + 1  # characters: one token each
+    start += len(text[start:]) - len(text[start:].lstrip())  # past blank lines
+    assert not text[start].isspace()
     assert run.tokenizer.decode(probes.tokens.tolist()) == text[start : start + 32]
     assert probes.attention.shape == (1, 2, 2, 32, 32)
 
@@ -368,7 +370,7 @@ def test_a_short_validation_split_is_probed_from_its_start():
 
     tokenizer = CharTokenizer("\nabcxy")
     cfg = PRESETS["tiny"].config.replace(block_size=4)
-    long = torch.tensor(tokenizer.encode("ab\ncxyab"))
+    long = torch.tensor(tokenizer.encode("ab\n\ncxyab"))
     assert tokenizer.decode(probe_tokens(cfg, tokenizer, long)[0].tolist()) == "cxya"
     short = torch.tensor(tokenizer.encode("abc\nxy"))  # the first line leaves 2 tokens: too few
     assert tokenizer.decode(probe_tokens(cfg, tokenizer, short)[0].tolist()) == "abc\n"

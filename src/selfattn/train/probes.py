@@ -6,7 +6,8 @@ fixed for the whole run, resumes included:
 
     induction preset   a random segment repeated to fill T tokens (`repeated_segments`, seeded
                        by the run's seed): the induction stripe appears on it as the heads form
-    text presets       T tokens of the validation split, from the start of its first line
+    text presets       T tokens of the validation split, from the start of its first whole
+                       line (after the first line break, blank lines skipped)
 
 with T = min(`MAX_TOKENS`, block_size). The weights come from the model in eval mode (no
 dropout, no autocast) through `selfattn.recording`, as `selfattn explain` traces them; the
@@ -44,16 +45,21 @@ def probe_tokens(cfg, tokenizer: Tokenizer, val: Tensor | None) -> tuple[Tensor,
     if start + length > val.numel():  # a short validation split: from its start instead
         start = 0
     tokens = val[start : start + length].clone()
-    about = f"{tokens.numel()} tokens of the validation split, from its first line"
+    about = f"{tokens.numel()} tokens of the validation split, from its first whole line"
     return tokens, "text", about
 
 
 def _first_line(val: Tensor, tokenizer: Tokenizer) -> int:
-    """The index just after the first token ending a line (0 if none is near the start)."""
-    for i, token in enumerate(val[:_LINE_SEARCH].tolist()):
-        if tokenizer.decode([token]).endswith("\n") and i + 1 < val.numel():
-            return i + 1
-    return 0
+    """The index of the first token of the first line that is not blank, after the first line
+    break (0 if there is none near the start)."""
+    ids = val[:_LINE_SEARCH].tolist()
+    breaks = [i for i, token in enumerate(ids) if tokenizer.decode([token]).endswith("\n")]
+    if not breaks:
+        return 0
+    start = breaks[0] + 1
+    while start < len(ids) and not tokenizer.decode([ids[start]]).strip():
+        start += 1  # blank lines (and leading spaces)
+    return start if start < len(ids) else 0
 
 
 @torch.no_grad()
