@@ -8,6 +8,9 @@ Each image is made by the command the docs show beside it (docs/explain.md, docs
     docs/minilm-layer2.png     selfattn explain --model minilm --text "..." --layer 2 --png ...
     docs/induction-layer1.png  selfattn train --preset induction (1000 iterations, about 20 s
                                on two CPU cores), then explain --checkpoint ... --layer 1 --png ...
+    docs/timeline.png          selfattn train --preset induction --iters 600 --eval-every 25
+                               (about a minute), then explain --checkpoint ... --timeline --html,
+                               then chromium --headless --screenshot of that page
 
 Needs the plot and text extras and Chromium (Debian's ``chromium``). Every command is printed
 before it runs; the first that fails stops the script with its exit status.
@@ -30,6 +33,7 @@ SELFATTN = [sys.executable, "-m", "selfattn"]
 MINILM_TEXT = "The cat sat on the mat because it was tired."
 INDUCTION_TEXT = "abcdefghijklabcdefghijkl"
 PAGE_WINDOW = (1280, 900)  # the screenshot's size in CSS pixels
+TIMELINE_WINDOW = (1400, 900)
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -62,10 +66,15 @@ def explain_heatmap(out: Path, work: Path) -> None:
 def explain_page(out: Path, work: Path) -> None:
     page = work / "explain.html"
     run([*SELFATTN, "explain", "--module", "mha", "--heads", "2", "--html", str(page)])
+    screenshot(page, out, work, PAGE_WINDOW)
+
+
+def screenshot(page: Path, out: Path, work: Path, window: tuple[int, int]) -> None:
+    """Chromium's headless screenshot of ``page``, ``window`` CSS pixels."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("make_images: the page screenshot needs chromium on PATH")
-    width, height = PAGE_WINDOW
+    width, height = window
     run(
         [
             browser,
@@ -91,11 +100,21 @@ def induction_layer1(out: Path, work: Path) -> None:
     run([*SELFATTN, "explain", *checkpoint, "--layer", "1", "--png", str(out)])
 
 
+def timeline(out: Path, work: Path) -> None:
+    trained = work / "timeline-run"
+    schedule = ["--iters", "600", "--eval-every", "25"]
+    run([*SELFATTN, "train", "--preset", "induction", *schedule, "--out", str(trained), "--quiet"])
+    page = work / "timeline.html"
+    run([*SELFATTN, "explain", "--checkpoint", str(trained), "--timeline", "--html", str(page)])
+    screenshot(page, out, work, TIMELINE_WINDOW)
+
+
 IMAGES = {
     "explain-heatmap.png": explain_heatmap,
     "explain-page.png": explain_page,
     "minilm-layer2.png": minilm_layer2,
     "induction-layer1.png": induction_layer1,
+    "timeline.png": timeline,
 }
 
 

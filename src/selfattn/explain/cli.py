@@ -73,6 +73,13 @@ def _what_to_run(ex: argparse.ArgumentParser) -> None:
         "previous-token scores on random tokens repeated (Olsson et al. 2022); --seed seeds it",
     )
     ex.add_argument(
+        "--timeline",
+        action="store_true",
+        help="with --checkpoint RUN and --html FILE: a page to watch the heads form, a slider "
+        "over the evaluated iterations driving every head's attention on the probe the run "
+        "recorded, beside the loss and score curves",
+    )
+    ex.add_argument(
         "--text",
         default=None,
         help="real text: tokenized by MiniLM's tokenizer and fed its pretrained word embeddings "

@@ -3,6 +3,7 @@ cell's output; `plot` returns the PNG renderer's matplotlib ``Figure``.
 
     selfattn.show(module, x, tokens)     # the module's attention on x: every layer it runs
     selfattn.show(trace)                 # a Trace, or a list of them (one per layer)
+    selfattn.show(run_dir, timeline=True)  # a training run's heads forming, evaluation by one
     selfattn.plot(module, x, tokens)     # one heatmap per head, as a matplotlib Figure
 
 `show` returns a `View`, which Jupyter draws through its ``_repr_html_``: the step selector, the
@@ -31,12 +32,13 @@ from selfattn._extras import require
 from selfattn.explain.chapter import add_chapter_steps
 from selfattn.explain.html import PAGE_STEPS, render_view, write_html
 from selfattn.explain.png import PNG_STEPS, attention_figure
+from selfattn.explain.timeline import render_timeline_view, timeline_data, write_timeline
 from selfattn.trace import Trace, set_html_view, trace_all
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["View", "plot", "show"]
+__all__ = ["TimelineView", "View", "plot", "show"]
 
 
 class View:
@@ -74,15 +76,39 @@ class View:
         )
 
 
+class TimelineView:
+    """A training run's timeline (``explain --timeline``'s page), drawn by Jupyter; what
+    ``show(run_dir, timeline=True)`` returns. The run's files are read once, when it is made."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = run_dir
+        self.data = timeline_data(run_dir)
+
+    def _repr_html_(self) -> str:
+        return render_timeline_view(self.data, view_id=f"selfattn-{uuid.uuid4().hex}")
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """The same timeline as one self-contained page."""
+        write_timeline(self.run_dir, path)
+
+    def __repr__(self) -> str:
+        d = self.data
+        return (
+            f"<selfattn timeline of {self.run_dir}: {len(d['iterations'])} evaluations, "
+            f"{d['layers']} layers x {d['heads']} heads on {d['size']} tokens>"
+        )
+
+
 def show(
-    source: nn.Module | Trace | Sequence[Trace],
+    source: nn.Module | Trace | Sequence[Trace] | str | os.PathLike[str],
     x: Tensor | None = None,
     tokens: Sequence[str] | None = None,
     *,
     layer: int | None = None,
     head: int | None = None,
     step: str | None = None,
-) -> View:
+    timeline: bool = False,
+) -> View | TimelineView:
     """The interactive view of ``source``'s attention, for a notebook cell to display.
 
     ``source`` is a module (or a whole model such as the GPT) run once on ``x`` and traced,
@@ -90,11 +116,33 @@ def show(
     ``head`` (default 0 each) and ``step`` (default "weights"; any of
     `selfattn.explain.html.PAGE_STEPS`) pick what the view shows first. Bad arguments are a
     TypeError or ValueError saying what was expected.
+
+    ``timeline=True``: ``source`` is the folder of a `selfattn train` run, and the view is its
+    timeline (`TimelineView`): a slider over the evaluations driving every head's attention on
+    the probe the run recorded, beside the loss and score curves.
     """
+    if timeline:
+        return _timeline(source, x, tokens, layer, head, step)
     traces = _traces("show", source, x, tokens)
     layer = _index("layer", layer, len(traces))
     head = _index("head", head, traces[layer].num_heads)
     return View(traces, layer=layer, head=head, step=_step("show", step, PAGE_STEPS))
+
+
+def _timeline(source, x, tokens, layer, head, step) -> TimelineView:
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"show(run_dir, timeline=True) expects the folder of a selfattn train run (a str or "
+            f"path); got {_describe(source)}"
+        )
+    given = [n for n, v in (("x", x), ("tokens", tokens), ("layer", layer), ("head", head),
+                            ("step", step)) if v is not None]  # fmt: skip
+    if given:
+        raise TypeError(
+            f"show(run_dir, timeline=True) takes no {', '.join(given)}: the timeline shows every "
+            "layer and head of the run's probe"
+        )
+    return TimelineView(source)
 
 
 def plot(
@@ -163,9 +211,11 @@ def _traces(caller: str, source: object, x: object, tokens: Sequence[str] | None
             )
         traces = [source] if isinstance(source, Trace) else list(source)
     else:
+        run = " (a training run's folder: show(run_dir, timeline=True))"
         raise TypeError(
             f"{caller} expects an nn.Module and its input x, a Trace, or a non-empty list of "
             f"Traces (one per layer); got {_describe(source)}"
+            f"{run if caller == 'show' and isinstance(source, str | os.PathLike) else ''}"
         )
     return [
         add_chapter_steps(Trace(t.module, t.tokens, dict(t.steps), dict(t.extras))) for t in traces

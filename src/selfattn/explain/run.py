@@ -59,6 +59,7 @@ class ExplainRequest:
     step: str | None = None  # None: not given (weights)
     checkpoint: str | None = None  # a run of `selfattn train` or a GPT-2 folder: its GPT on --text
     induction_scores: bool = False  # every head's scores on the probe, instead of --text
+    timeline: bool = False  # --checkpoint's probes through training, as a page (--html)
 
 
 def precision(text: str) -> int:
@@ -101,6 +102,7 @@ def check_options(req: ExplainRequest) -> None:
             req.dropout is not None and req.model is not None,
             f"--dropout does not apply to {model}: it runs in evaluation mode",
         ),
+        *_timeline_problems(req),
         *_scores_problems(req),
         (
             req.layer is not None and req.model is None and req.checkpoint is None,
@@ -139,6 +141,9 @@ def run_explain(
     ``checkpoint_scores`` only for ``req.induction_scores``."""
     out = out or sys.stdout
     check_before_tracing(req)
+    if req.timeline:
+        _timeline(req, out)
+        return
     if req.induction_scores:
         _induction_scores(req, out, checkpoint_scores)
         return
@@ -231,6 +236,37 @@ def _scores_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
     ]  # fmt: skip
 
 
+def _timeline_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
+    """The options that do not apply to --timeline, each with why: it draws one page of the
+    probes a run recorded, every layer and head at every evaluation."""
+    if not req.timeline:
+        return []
+    what = "--timeline (the probes' attention through training, every layer and head)"
+    return [
+        (req.checkpoint is None, "--timeline needs --checkpoint RUN: the folder of a selfattn "
+         "train run, whose probes it plays back"),
+        (req.html is None, "--timeline draws a web page: give --html FILE"),
+        (req.png is not None, f"--png does not apply to {what}: it is a page; give --html FILE"),
+        (req.json, f"--json does not apply to {what}: it is a page; its data is the run's "
+         "probes.safetensors and metrics.jsonl"),
+        (req.induction_scores, "--induction-scores does not apply to --timeline: the page "
+         "already has every head's scores at each evaluation"),
+        (req.text is not None, f"--text does not apply to {what}: the run recorded its probe "
+         "while it trained"),
+        (req.layer is not None or req.head is not None or req.step is not None,
+         f"--layer, --head and --step do not apply to {what}"),
+        (req.seed is not None, f"--seed does not apply to {what}: the probe is the run's"),
+    ]  # fmt: skip
+
+
+def _timeline(req: ExplainRequest, out: TextIO) -> None:
+    """--timeline: the run's probes through training, as one page."""
+    from selfattn.explain.timeline import write_timeline
+
+    write_timeline(req.checkpoint, req.html)
+    print(f"wrote {req.html}: open it in a browser (works offline)", file=out)
+
+
 def _induction_scores(req: ExplainRequest, out: TextIO, read: CheckpointScores | None) -> None:
     """--induction-scores: the table of every head's scores, or its data with --json."""
     from selfattn.explain.scores import render_head_scores
@@ -257,7 +293,7 @@ def _checkpoint_problems(req: ExplainRequest) -> list[tuple[bool, str]]:
     scores = req.induction_scores
     return [
         (
-            req.text is None and not scores,
+            req.text is None and not scores and not req.timeline,
             f"{where} needs --text (the text to run the model on), or --induction-scores",
         ),
         (req.heads is not None, f"--heads does not apply to {where}: its heads are trained"),

@@ -66,7 +66,9 @@ def add_train_parsers(subparsers) -> None:
         help="train a small GPT on text, with live progress and safe checkpoints",
         description="Train the chapter's GPT (on selfattn's MultiHeadAttention) on tiny "
         "Shakespeare or any text. --out receives model.safetensors, config.json, metrics.jsonl, "
-        f"loss.png and samples.txt. Presets: {presets}. Ctrl-C saves a checkpoint (exit 130).",
+        "loss.png, samples.txt and probes.safetensors (every head's attention on a fixed probe "
+        f"at each evaluation: explain --timeline). Presets: {presets}. Ctrl-C saves a "
+        "checkpoint (exit 130).",
     )
     add = tr.add_argument
     add("--preset", choices=list(PRESETS), help="starting settings (default: shakespeare-char)")
@@ -84,6 +86,9 @@ def add_train_parsers(subparsers) -> None:
     add("--resume", metavar="DIR", help="continue the run in DIR (up to --iters in all)")
     add("--force", action="store_true", help="overwrite a run already in --out")
     add("--quiet", action="store_true", help="no progress bar: one line per evaluation")
+    add("--tensorboard", metavar="DIR", default=None,
+        help="also write the scalars and the probe's attention images for TensorBoard into DIR "
+        "(needs the 'tensorboard' extra)")  # fmt: skip
     tr.set_defaults(run=_run_train)
 
     gen = subparsers.add_parser(
@@ -105,14 +110,15 @@ def add_train_parsers(subparsers) -> None:
     gen.set_defaults(run=_run_generate)
 
 
-_NOT_OVERRIDES = {"command", "run", "preset", "out", "resume", "force", "quiet"}
+_NOT_OVERRIDES = {"command", "run", "preset", "out", "resume", "force", "quiet", "tensorboard"}
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from selfattn.train.command import TrainRequest, run_train
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_OVERRIDES}
-    request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet)
+    request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet,
+                           tensorboard=args.tensorboard)  # fmt: skip
     return run_train(request)
 
 

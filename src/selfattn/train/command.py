@@ -47,6 +47,7 @@ from selfattn.train.loop import (
     train,
 )
 from selfattn.train.presets import PRESETS
+from selfattn.train.probes import PROBES, ProbeRecorder, kept_probes, write_probes
 from selfattn.train.progress import Bar, Lines, Reporter, Silent
 from selfattn.train.schedule import describe_schedule
 
@@ -62,20 +63,22 @@ class TrainRequest:
     resume: str | None = None
     force: bool = False
     quiet: bool = False
+    tensorboard: str | None = None  # a folder for TensorBoard's event files
 
 
 def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     planned = _planned_config(req)
+    _check_tensorboard(req.tensorboard)
     dist = DataParallel.from_env(planned.device)
     try:
         check_memory(planned, dist.world_size)
         run = resume_run(req, dist) if req.resume else new_run(req, dist)
         dist.barrier()  # rank 0 has prepared the folder
+        hooks, board = _recorders(req, run, dist, hooks or Hooks())
     except BaseException:
         dist.close()
         raise
     cfg = run.config
-    hooks = hooks or Hooks()
     if cfg.data == "induction":
         hooks = dataclasses.replace(hooks, on_eval=[induction_metrics, *hooks.on_eval])
     if dist.is_main:  # the run's own setting: passed now, or saved by the run resumed
@@ -100,6 +103,8 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
         raise
     finally:
         reporter.close()
+        if board is not None:
+            board.close()
         if result is None or not result.abandoned:  # else a worker may be inside a collective
             dist.close()
         torch.set_num_threads(threads)
@@ -109,6 +114,35 @@ def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def _check_tensorboard(folder: str | None) -> None:
+    """--tensorboard: the extra is installed and the folder can be one (before any file)."""
+    if folder is None:
+        return
+    from selfattn.train.tensorboard_log import summary_writer_class
+
+    summary_writer_class()
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"--tensorboard {folder} is a file: expected a folder for event files")
+
+
+def _recorders(req: TrainRequest, run: Run, dist: DataParallel, hooks: Hooks):
+    """Rank 0's hooks that keep each evaluation: the probe's attention (`ProbeRecorder`) and,
+    with --tensorboard, TensorBoard's events (`TensorBoardLog`, returned to be closed)."""
+    if not dist.is_main:
+        return hooks, None
+    splits = getattr(run.batches, "splits", None)  # a text run's; the induction task has none
+    probes = ProbeRecorder.for_run(run, None if splits is None else splits.val)
+    on_step, on_evaluated = list(hooks.on_step), [probes, *hooks.on_evaluated]
+    board = None
+    if req.tensorboard is not None:
+        from selfattn.train.tensorboard_log import TensorBoardLog
+
+        board = TensorBoardLog(req.tensorboard, probes, run.state.iteration if run.state else 0)
+        on_step.append(board.on_step)
+        on_evaluated.append(board.on_evaluated)
+    return dataclasses.replace(hooks, on_step=on_step, on_evaluated=on_evaluated), board
 
 
 def _reporter(req: TrainRequest, run: Run, dist: DataParallel) -> Reporter:
@@ -283,7 +317,8 @@ def new_run(req: TrainRequest, dist: DataParallel) -> Run:
     dist.barrier()  # every process has checked the folder before rank 0 changes it
     if dist.is_main:  # every check passed: now the folder changes
         out.mkdir(parents=True, exist_ok=True)
-        for name in (*checkpoint.RUN_FILES, METRICS, SAMPLES, LOSS_PNG, SCORES_PNG, BPE_FILE):
+        for name in (*checkpoint.RUN_FILES, METRICS, SAMPLES, LOSS_PNG, SCORES_PNG, BPE_FILE,
+                     PROBES):  # fmt: skip
             (out / name).unlink(missing_ok=True)
         remove_stale(out)
         tokenizer.save(out)
@@ -369,11 +404,14 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
     model = GPT(model_config)
     checkpoint.check_state(state, model, out)  # names and shapes: the state will load
     history = _history(out / METRICS, state.iteration)
+    cut, probes = kept_probes(out, state.iteration)  # the timeline's, up to the checkpoint too
     dist.barrier()  # every process has read the folder before rank 0 changes it
     if dist.is_main:  # checked: now the folder changes
         record["train"] = dataclasses.asdict(cfg)
         checkpoint.write_config(out, record)
         checkpoint.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        if cut:
+            write_probes(out, probes)
     return Run(cfg, model, tokenizer, batches, out, record.get("preset", "train"), state, history)
 
 

@@ -28,7 +28,8 @@ that of the last complete one (the only change to the weights and the optimizer,
 finite stops the run with `Diverged`, before the step and before any checkpoint of it.
 
 Extension points: ``hooks.on_eval`` functions get an `EvalContext` and return extra metrics
-(say, an induction score per head); ``hooks.on_step`` functions see every record; ``dist`` (a
+(say, an induction score per head); ``hooks.on_step`` functions see every record, and
+``hooks.on_evaluated`` ones (rank 0) each committed evaluation; ``dist`` (a
 `DataParallel`) decides which process writes and which slice of the batch each one trains on;
 ``run.batches`` may be any `selfattn.train.data.RandomBatches`.
 """
@@ -100,6 +101,9 @@ class EvalContext:
 class Hooks:
     on_eval: list[Callable[[EvalContext], dict[str, float]]] = field(default_factory=list)
     on_step: list[Callable[[dict], None]] = field(default_factory=list)
+    # rank 0, after each evaluation's checkpoint: (run, every record so far) -> None; what the run
+    # keeps of the evaluation besides its record (the timeline's probes, TensorBoard)
+    on_evaluated: list[Callable[[Run, list[dict]], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -382,7 +386,7 @@ class _Loop:
 
         def work() -> None:
             self.save()
-            report = (self.run, self.records, self.reporter, self.plot)
+            report = (self.run, self.records, self.reporter, self.plot, self.hooks.on_evaluated)
             self.worker.run(lambda: _report_evaluation(*report))
 
         self.dist.solo(work, interrupted=lambda: self.stop.requested)
@@ -424,10 +428,15 @@ def _restore(run: Run, optimizer, names: list[str]) -> int:
     return run.state.iteration
 
 
-def _report_evaluation(run: Run, records: list[dict], reporter: Reporter, plot: bool) -> None:
-    """The evaluation line, a sample in samples.txt, loss.png (and scores.png) redrawn."""
+def _report_evaluation(
+    run: Run, records: list[dict], reporter: Reporter, plot: bool, on_evaluated=()
+) -> None:
+    """The evaluation line, a sample in samples.txt, loss.png (and scores.png) redrawn, and the
+    ``on_evaluated`` hooks."""
     it = records[-1]["iter"]
     reporter.evaluation(records[-1])
+    for hook in on_evaluated:
+        hook(run, records)
     if run.config.sample_tokens > 0:
         _write_sample(run, it)
     if plot:
