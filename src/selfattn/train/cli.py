@@ -85,6 +85,9 @@ def add_train_parsers(subparsers) -> None:
     add("--resume", metavar="DIR", help="continue the run in DIR (up to --iters in all)")
     add("--force", action="store_true", help="overwrite a run already in --out")
     add("--quiet", action="store_true", help="no progress bar: one line per evaluation")
+    add("--context-parallel", metavar="C", type=positive_int, default=None,
+        help="under torchrun: split each sequence across C processes (ring attention; C "
+        "divides the processes, the rest is data parallel)")  # fmt: skip
     tr.set_defaults(run=_run_train)
 
     gen = subparsers.add_parser(
@@ -107,6 +110,7 @@ def add_train_parsers(subparsers) -> None:
 
 
 _NOT_OVERRIDES = {"command", "run", "preset", "out", "resume", "force", "quiet"}
+_NOT_OVERRIDES |= {"context_parallel"}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -114,7 +118,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_OVERRIDES}
     warn_if_more_threads_than_cores("train", overrides.get("threads"))
-    request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet)
+    request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet,
+                           context_parallel=args.context_parallel)  # fmt: skip
     return run_train(request)
 
 

@@ -86,6 +86,25 @@ class DataParallel:
     def is_parallel(self) -> bool:
         return self.world_size > 1
 
+    # Which rows of each global batch this process trains on, and the group that shares each
+    # sequence: here every process is a replica of its own, holding whole sequences (context
+    # parallelism, `selfattn.train.context_parallel`, splits them).
+    @property
+    def data_rank(self) -> int:
+        return self.rank
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size
+
+    @property
+    def context_group(self) -> tdist.ProcessGroup | None:
+        return None
+
+    def shard(self, batches):
+        """The batch source this process draws from: ``batches`` itself (whole sequences)."""
+        return batches
+
     @classmethod
     def from_env(cls, device: str = "cpu", timeout_s: float | None = None) -> DataParallel:
         """One process, unless torchrun's WORLD_SIZE says more: then join the process group
