@@ -41,3 +41,7 @@ def assert_close(
 # The chapter's GPT with GPT-2's weights against transformers' GPT2LMHeadModel, float32 logits
 # (issue 19's bound).
 HF_GPT2_F32 = dict(atol=1e-4, rtol=0)
+
+# Training losses of a run split across processes (data or context parallel) against one
+# process's on the same global batches, float32: the same maths summed in another order.
+TRAIN_LOSS_ABS = 1e-4

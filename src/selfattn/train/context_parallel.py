@@ -50,6 +50,7 @@ from selfattn.train.data import RandomBatches
 from selfattn.train.data_parallel import DataParallel, check_device
 
 LAYOUT = "zigzag"
+_CONTEXT_STREAMS = 2**62  # dropout streams of context-parallel ranks start here
 
 
 def start(cfg: TrainConfig, context_parallel: int | None) -> DataParallel:
@@ -186,6 +187,13 @@ class ContextParallel(DataParallel):
     @property
     def context_group(self) -> tdist.ProcessGroup:
         return self.mesh.get_group("context")
+
+    @property
+    def dropout_stream(self) -> int:
+        """A dropout stream of each rank's own, never one that a process without context
+        parallelism draws (its rank, < 2**62): a shard's masks are not one process's masks on
+        the same tokens."""
+        return _CONTEXT_STREAMS + self.context_size * 2**20 + self.rank
 
     def shard(self, batches: RandomBatches) -> ContextShards:
         return ContextShards(batches, self.context_rank, self.context_size)

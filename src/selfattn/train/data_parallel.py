@@ -101,6 +101,12 @@ class DataParallel:
     def context_group(self) -> tdist.ProcessGroup | None:
         return None
 
+    @property
+    def dropout_stream(self) -> int:
+        """Whose dropout masks this process draws (`selfattn.train.loop.dropout_seed`): its
+        rank's, so one process and rank 0 of several draw alike."""
+        return self.rank
+
     def shard(self, batches):
         """The batch source this process draws from: ``batches`` itself (whole sequences)."""
         return batches
