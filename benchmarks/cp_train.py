@@ -142,7 +142,7 @@ class Report:
 
 def _peak(ranks: list[dict]) -> int:
     """The largest peak over iterations 2..N-1 (N: an evaluation) and ranks."""
-    return max(max(r["peaks"][1:-1] or r["peaks"]) for r in ranks)
+    return max(max(r["peaks"][1:-1]) for r in ranks)
 
 
 def _step_time(ranks: list[dict]) -> float:
@@ -154,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--context", type=int, default=8192, help="tokens per sequence")
     parser.add_argument("--iters", type=int, default=20, help="iterations of C=1 and C=2")
-    parser.add_argument("--c4-iters", type=int, default=4, help="iterations of C=4 (memory)")
+    parser.add_argument("--c4-iters", type=int, default=3, help="iterations of C=4 (memory; >= 3)")
     parser.add_argument("--quick", action="store_true", help="context 1,024, 6 iterations")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.context, args.iters, args.c4_iters = 1024, 6, 3
+    if min(args.iters, args.c4_iters) < 3:  # the first allocates gradients and AdamW's state
+        parser.error("--iters and --c4-iters must be >= 3: iteration 2 is the first measured")
     # glibc: freed blocks over 64 KiB go back to the system (inherited by the ranks), so one
     # iteration's freed memory cannot hide the next one's growth in the high-water mark.
     os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
