@@ -110,6 +110,8 @@ def test_context_parallel_runs_take_one_process_steps_and_resume_anywhere(tmp_pa
     _ok(ranks)
     assert "4 processes = 2 data-parallel replicas x 2 ranks per sequence" in ranks[0].stderr
     _assert_same_losses(losses(cp), expected)
+    # each evaluation's sample, drawn by rank 0 alone on the whole model, is one process's
+    assert (cp / "samples.txt").read_text() == (single / "samples.txt").read_text()
 
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(cp), "--max-new-tokens", "5", "--seed", "1"]) == 0
