@@ -43,7 +43,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from selfattn.ring.attention import block_kernels
+from selfattn.ring.attention import kernels_for
 from selfattn.ring.layouts import shard_sequence
 from selfattn.train.config import TrainConfig
 from selfattn.train.data import RandomBatches
@@ -131,9 +131,8 @@ def check_backend(cfg: TrainConfig) -> None:
     the log-sum-exp) on the run's device and dtype."""
     check_device(cfg.device)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    q = torch.empty(0, dtype=dtype, device=cfg.device)
-    try:
-        block_kernels(cfg.backend, q, True, 1.0)
+    try:  # no tensor: a CUDA context now would land on GPU 0, before each rank picks its own
+        kernels_for(cfg.backend, cfg.device, dtype)
     except ValueError as err:
         raise ValueError(
             f"--context-parallel runs every attention layer as ring attention, whose blocks "
