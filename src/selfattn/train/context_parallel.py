@@ -68,10 +68,11 @@ def start(cfg: TrainConfig, context_parallel: int | None) -> DataParallel:
 
 def describe(dist: ContextParallel, cfg: TrainConfig) -> str:
     """One line on how the run is split (and what dropout does under it)."""
-    c, d = dist.context_size, dist.data_size
+    c, d, p = dist.context_size, dist.data_size, dist.world_size
     line = (
-        f"selfattn train: context parallel: {dist.world_size} processes = {d} data-parallel "
-        f"replica{'s' if d > 1 else ''} x {c} ranks per sequence; each rank holds "
+        f"selfattn train: context parallel: {_count(p, 'process', 'processes')} = "
+        f"{_count(d, 'data-parallel replica', 'data-parallel replicas')} x "
+        f"{_count(c, 'rank', 'ranks')} per sequence; each rank holds "
         f"{cfg.batch_size // d} x {cfg.block_size // c} tokens of every batch"
     )
     if cfg.dropout > 0:
@@ -139,6 +140,10 @@ def check_backend(cfg: TrainConfig) -> None:
             f"need an engine that returns the log-sum-exp; --backend {cfg.backend} cannot "
             f"({err})"
         ) from None
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 @dataclass(frozen=True)
