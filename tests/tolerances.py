@@ -45,3 +45,7 @@ HF_GPT2_F32 = dict(atol=1e-4, rtol=0)
 # Attention weights (in [0, 1]) stored as float16, against float32 ones: float16's rounding is at
 # most half a unit in the last place, 2^-12 just under 1, plus SAME_MODEL_F32's route.
 STORED_F16 = dict(atol=2.5e-4 + 2e-5, rtol=0)
+
+# Training losses of a run split across processes (data or context parallel) against one
+# process's on the same global batches, float32: the same maths summed in another order.
+TRAIN_LOSS_ABS = 1e-4

@@ -13,14 +13,28 @@ The extras (grouped-query attention, a sliding window, tied embeddings, the engi
 ``attn_only``: blocks of attention alone, no feed-forward, as in the induction-head studies) are
 off by default; with them off this is exactly the chapter's model.
 
-Shapes: B batch, T tokens (<= context_length), E = emb_dim, H = n_heads, V = vocab_size.
+Context parallelism: ``GPT(config, context_parallel_group=group)`` is the same model (the same
+parameters, created in the same order) run on a sequence split across the P ranks of a
+``torch.distributed`` group. Every rank calls it at once with its zigzag shard of each
+sequence, idx (B, T / P): chunks r and 2P-1-r of 2P (`selfattn.ring.shard_sequence`); each
+rank embeds its tokens at their global positions (`selfattn.ring.shard_positions`), every
+attention layer runs ring attention over the group, and the rank gets the logits of its own
+tokens, (B, T / P, V). Everything else in a block acts token by token, so it runs unchanged.
+Ring attention has no attention-weight dropout: under a group ``drop_rate`` acts on the
+embeddings and the shortcuts only. `generate` / `stream` run on the calling process alone,
+on the whole model (every rank holds all the weights), see `without_context_parallel`.
+
+Shapes: B batch, T tokens (<= context_length), E = emb_dim, H = n_heads, V = vocab_size,
+P ranks of the context-parallel group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +42,9 @@ from torch import Tensor, nn
 
 from selfattn._checks import check_window, positive_int, probability
 from selfattn.modules.causal_multihead import MultiHeadAttention
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -111,21 +128,24 @@ class TransformerBlock(nn.Module):
     """A pre-LayerNorm block: attention, then feed-forward, each with a residual.
 
     x (B, T, E) -> (B, T, E). With ``cfg.attn_only`` the block is attention alone (no ``ff``,
-    no ``norm2``): x = x + drop_shortcut(att(norm1(x))).
+    no ``norm2``): x = x + drop_shortcut(att(norm1(x))). With a ``context_parallel_group`` the
+    attention is ring attention over the group, without dropout on its weights (the ring has
+    none); x is then this rank's shard, (B, T / P, E).
     """
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, context_parallel_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.att = MultiHeadAttention(
             d_in=cfg.emb_dim,
             d_out=cfg.emb_dim,
             context_length=cfg.context_length,
-            dropout=cfg.drop_rate,
+            dropout=cfg.drop_rate if context_parallel_group is None else 0.0,
             num_heads=cfg.n_heads,
             qkv_bias=cfg.qkv_bias,
             num_kv_heads=cfg.n_kv_heads,
             window=cfg.window,
             backend=cfg.backend,
+            context_parallel_group=context_parallel_group,
         )
         self.ff = None if cfg.attn_only else FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
@@ -145,19 +165,28 @@ class GPT(nn.Module):
     ``forward(idx, use_cache=True)`` decodes incrementally: each block's attention keeps the
     keys and values of earlier calls (see `MultiHeadAttention`), and the new tokens take the
     positions after them. `reset_cache()` starts a new sequence. `generate` does all of this.
+
+    ``context_parallel_group``: the ranks that share each sequence (see the module's notes):
+    ``forward(idx)`` then takes this rank's zigzag shard, idx (B, T / P), T a multiple of 2P,
+    and returns its logits (B, T / P, V); backward leaves this rank's share of the gradients
+    (sum or average them over the ranks, as DDP does). Not with ``use_cache`` or a ``window``.
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(
+        self, config: GPTConfig, *, context_parallel_group: ProcessGroup | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        cfg = config
+        cfg, group = config, context_parallel_group
         # The chapter's order of creation: the same seed gives the same weights.
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.trf_blocks = nn.Sequential(
+            *[TransformerBlock(cfg, group) for _ in range(cfg.n_layers)]
+        )
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # after out_head's own init, so the other weights do not move
@@ -189,6 +218,25 @@ class GPT(nn.Module):
         return gpt2.save_hf(self, path, tokenizer, overwrite=overwrite)
 
     @property
+    def context_parallel_group(self) -> ProcessGroup | None:
+        """The group that shares each sequence (None: the whole sequence is here)."""
+        return self.trf_blocks[0].att.context_parallel_group
+
+    @contextmanager
+    def without_context_parallel(self) -> Iterator[GPT]:
+        """This model on this process alone, for the ``with`` block: every attention layer
+        attends over the whole sequence it is given, with no group (the weights are the same
+        tensors). What `stream` uses: rank 0 samples alone while the other ranks wait."""
+        groups = [block.att.context_parallel_group for block in self.trf_blocks]
+        for block in self.trf_blocks:
+            block.att.context_parallel_group = None
+        try:
+            yield self
+        finally:
+            for block, group in zip(self.trf_blocks, groups, strict=True):
+                block.att.context_parallel_group = group
+
+    @property
     def cache_len(self) -> int:
         """Tokens held by the KV cache (0 when empty)."""
         return self.trf_blocks[0].att.cache_len
@@ -203,20 +251,38 @@ class GPT(nn.Module):
         if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx)
             raise TypeError(f"idx must be an int64 tensor (B, T), got {got}")
-        start = self.cache_len if use_cache else 0
-        end = start + idx.shape[1]
-        if end > self.config.context_length:
-            raise ValueError(
-                f"GPT got {end} positions ({start} cached + {idx.shape[1]} new), more than "
-                f"context_length={self.config.context_length}"
-            )
-        positions = torch.arange(start, end, device=idx.device)  # (T,)
+        if self.context_parallel_group is not None and not use_cache:
+            positions = self._shard_positions(idx.shape[1]).to(idx.device)  # (T / P,)
+        else:
+            start = self.cache_len if use_cache else 0
+            end = start + idx.shape[1]
+            if end > self.config.context_length:
+                raise ValueError(
+                    f"GPT got {end} positions ({start} cached + {idx.shape[1]} new), more "
+                    f"than context_length={self.config.context_length}"
+                )
+            positions = torch.arange(start, end, device=idx.device)  # (T,)
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, E) + (T, E)
         x = self.drop_emb(x)
         for block in self.trf_blocks:
             x = block(x, use_cache=use_cache)  # (B, T, E)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, E) -> (B, T, V)
+
+    def _shard_positions(self, local: int) -> Tensor:
+        """The global positions of this rank's ``local`` tokens, (local,) int64: zigzag chunks
+        r and 2P-1-r of the whole sequence of T = local * P tokens."""
+        from selfattn.ring.comm import rank_and_size  # the ring only where it is used
+        from selfattn.ring.layouts import shard_positions
+
+        rank, ranks = rank_and_size(self.context_parallel_group)
+        length = local * ranks
+        if length > self.config.context_length:
+            raise ValueError(
+                f"GPT got a shard of {local} tokens on each of {ranks} ranks: {length} "
+                f"positions, more than context_length={self.config.context_length}"
+            )
+        return shard_positions(rank, ranks, length, "zigzag")
 
     @torch.no_grad()
     def stream(
@@ -242,7 +308,8 @@ class GPT(nn.Module):
             are sampled from. top_k: sample among the k most likely tokens only.
         generator: the random source of sampling (the global one when None).
         The caches are emptied before and after. Dropout is whatever the mode says: call
-        ``eval()`` first to decode without it.
+        ``eval()`` first to decode without it. Under a ``context_parallel_group`` the calling
+        process decodes alone, on the whole model (`without_context_parallel`).
         """
         if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             raise TypeError("idx must be an int64 tensor (B, T)")
@@ -252,8 +319,13 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None:
             positive_int("top_k", top_k)
-        n = self.config.context_length
         self.reset_cache()
+        with self.without_context_parallel():
+            yield from self._decode(idx, max_new_tokens, temperature, top_k, generator, use_cache)
+
+    def _decode(self, idx, max_new_tokens, temperature, top_k, generator, use_cache):
+        """`stream`'s loop, its arguments checked."""
+        n = self.config.context_length
         try:
             for _ in range(max_new_tokens):
                 if not use_cache:

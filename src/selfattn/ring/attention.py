@@ -130,10 +130,18 @@ def ring_attention(
 def block_kernels(backend: str, q: Tensor, is_causal: bool, scale: float) -> BlockKernels:
     """The block kernels of ``backend`` (or of the first engine in `RING_ORDER` that can run
     the call, for "auto"); a ValueError saying why when the named engine cannot."""
+    return kernels_for(backend, q.device.type, q.dtype, is_causal, scale)
+
+
+def kernels_for(
+    backend: str, device_type: str, dtype: torch.dtype, is_causal: bool = True, scale: float = 1.0
+) -> BlockKernels:
+    """`block_kernels` for queries of ``dtype`` on ``device_type`` ("cpu", "cuda"), decided
+    before any tensor exists: a command checks its --backend with it before it starts."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     request = AttentionRequest(
-        is_causal=is_causal, scale=scale, need_lse=True, device_type=q.device.type, dtype=q.dtype
+        is_causal=is_causal, scale=scale, need_lse=True, device_type=device_type, dtype=dtype
     )
     names = RING_ORDER if backend == "auto" else (backend,)
     reasons = []

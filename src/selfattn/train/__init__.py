@@ -8,6 +8,8 @@ loop.py         train(run): the loop, evaluation, hooks, stop on Ctrl-C / SIGTER
 checkpoint.py   safetensors weights and training state, atomic and checksummed; load_run, and
                 load_checkpoint (a run or a transformers GPT-2 folder)
 data_parallel.py  data parallel (torchrun): which process writes, which rows each trains on
+context_parallel.py  --context-parallel C: a (data, context) device mesh, zigzag shards of each
+                sequence, the GPT on ring attention
 induction.py    the induction-head task: repeated random segments, accuracy and head scores
 progress.py     the rich progress bar, or plain lines
 command.py      `selfattn train` / `selfattn generate`: request -> run

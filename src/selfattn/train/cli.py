@@ -89,6 +89,9 @@ def add_train_parsers(subparsers) -> None:
     add("--tensorboard", metavar="DIR", default=None,
         help="also write the scalars and the probe's attention images for TensorBoard into DIR "
         "(needs the 'tensorboard' extra)")  # fmt: skip
+    add("--context-parallel", metavar="C", type=positive_int, default=None,
+        help="under torchrun: split each sequence across C processes (ring attention; C "
+        "divides the processes, the rest is data parallel)")  # fmt: skip
     tr.set_defaults(run=_run_train)
 
     gen = subparsers.add_parser(
@@ -111,6 +114,7 @@ def add_train_parsers(subparsers) -> None:
 
 
 _NOT_OVERRIDES = {"command", "run", "preset", "out", "resume", "force", "quiet", "tensorboard"}
+_NOT_OVERRIDES |= {"context_parallel"}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -118,7 +122,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_OVERRIDES}
     request = TrainRequest(args.preset, overrides, args.out, args.resume, args.force, args.quiet,
-                           tensorboard=args.tensorboard)  # fmt: skip
+                           tensorboard=args.tensorboard,
+                           context_parallel=args.context_parallel)  # fmt: skip
     return run_train(request)
 
 

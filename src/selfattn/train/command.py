@@ -23,6 +23,7 @@ from selfattn._checks import check_device as _check_device
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import RESUMABLE, TrainConfig
+from selfattn.train.context_parallel import start as start_processes
 from selfattn.train.data import (
     BPE_FILE,
     Batches,
@@ -64,12 +65,13 @@ class TrainRequest:
     force: bool = False
     quiet: bool = False
     tensorboard: str | None = None  # a folder for TensorBoard's event files
+    context_parallel: int | None = None  # C: ranks per sequence (train.context_parallel)
 
 
 def run_train(req: TrainRequest, hooks: Hooks | None = None) -> int:
     planned = _planned_config(req)
     _check_tensorboard(req.tensorboard)
-    dist = DataParallel.from_env(planned.device)
+    dist = start_processes(planned, req.context_parallel)
     try:
         check_memory(planned, dist.world_size)
         run = resume_run(req, dist) if req.resume else new_run(req, dist)
@@ -313,7 +315,7 @@ def new_run(req: TrainRequest, dist: DataParallel) -> Run:
         }
     _check_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the weights, and the dropout stream after them
-    model = GPT(cfg.model_config(tokenizer.vocab_size))
+    model = GPT(cfg.model_config(tokenizer.vocab_size), context_parallel_group=dist.context_group)
     dist.barrier()  # every process has checked the folder before rank 0 changes it
     if dist.is_main:  # every check passed: now the folder changes
         out.mkdir(parents=True, exist_ok=True)
@@ -354,15 +356,16 @@ def _absolute_text(overrides: dict) -> dict:
 
 
 def _batches(cfg: TrainConfig, splits, dist: DataParallel) -> Batches:
-    return Batches(
-        splits, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank, dist.world_size
-    )
+    return dist.shard(
+        Batches(splits, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.data_rank,
+                dist.data_size)
+    )  # fmt: skip
 
 
 def _induction_batches(cfg: TrainConfig, tokenizer, dist: DataParallel) -> InductionBatches:
-    return InductionBatches(
-        tokenizer.vocab_size, cfg.batch_size, cfg.block_size, cfg.seed, cfg.device, dist.rank,
-        dist.world_size,
+    return dist.shard(
+        InductionBatches(tokenizer.vocab_size, cfg.batch_size, cfg.block_size, cfg.seed,
+                         cfg.device, dist.data_rank, dist.data_size)
     )  # fmt: skip
 
 
@@ -401,7 +404,7 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
     if model_config != cfg.model_config(tokenizer.vocab_size):
         raise ValueError(f"{out}/config.json: its model and training settings disagree")
     _check_device(cfg.device)
-    model = GPT(model_config)
+    model = GPT(model_config, context_parallel_group=dist.context_group)
     checkpoint.check_state(state, model, out)  # names and shapes: the state will load
     history = _history(out / METRICS, state.iteration)
     cut, probes = kept_probes(out, state.iteration)  # the timeline's, up to the checkpoint too

@@ -9,12 +9,19 @@ A single process (the default, and what `from_env` gives without torchrun) is ra
 writes every file and draws the progress bar. The training loop asks this object only:
 
     dist.is_main          write files, report progress?
-    dist.rank, world_size which rows of each global batch (`selfattn.train.data.Batches`)
+    dist.data_rank, data_size  which rows of each global batch (`selfattn.train.data.Batches`):
+                          rank and world_size here
+    dist.shard(batches)   the batch source to draw from: ``batches`` here
+    dist.context_group    the group that shares each sequence (the model's): None here
+    dist.dropout_stream   whose dropout masks to draw (`loop.dropout_seed`): the rank here
     dist.wrap(model)      the module to call in the loop (DistributedDataParallel when W > 1)
     dist.mean(value)      a float averaged over processes (losses and scores for the log)
     dist.barrier()        wait for every process
     dist.solo(work)       rank 0 works alone (a checkpoint, a sample, plots), the others wait
     dist.close()          leave the process group
+
+`selfattn.train.context_parallel.ContextParallel` answers the same questions for a run that
+also splits each sequence across processes (``--context-parallel``).
 
 With W processes each one trains on B / W rows of the same global batch of B and DDP averages
 their gradients (each rank's loss is the mean over its equal share), so W processes take the
@@ -80,6 +87,31 @@ class DataParallel:
     @property
     def is_parallel(self) -> bool:
         return self.world_size > 1
+
+    # Which rows of each global batch this process trains on, and the group that shares each
+    # sequence: here every process is a replica of its own, holding whole sequences (context
+    # parallelism, `selfattn.train.context_parallel`, splits them).
+    @property
+    def data_rank(self) -> int:
+        return self.rank
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size
+
+    @property
+    def context_group(self) -> tdist.ProcessGroup | None:
+        return None
+
+    @property
+    def dropout_stream(self) -> int:
+        """Whose dropout masks this process draws (`selfattn.train.loop.dropout_seed`): its
+        rank's, so one process and rank 0 of several draw alike."""
+        return self.rank
+
+    def shard(self, batches):
+        """The batch source this process draws from: ``batches`` itself (whole sequences)."""
+        return batches
 
     @classmethod
     def from_env(cls, device: str = "cpu", timeout_s: float | None = None) -> DataParallel:

@@ -322,7 +322,7 @@ class _Loop:
             group["lr"] = lr
         before = self.run.batches.state()
         x, y = self.run.batches.next_train()  # (B, T), (B, T)
-        torch.manual_seed(dropout_seed(cfg.seed, self.dist.rank, it))
+        torch.manual_seed(dropout_seed(cfg.seed, self.dist.dropout_stream, it))
         try:
             loss = self.worker.run(lambda: self.forward_backward(x, y))
         except _Stopped:

@@ -65,12 +65,13 @@ def _first_line(val: Tensor, tokenizer: Tokenizer) -> int:
 @torch.no_grad()
 def probe_attention(model: GPT, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The model's heads on the probe: attention (layers, H, T, T) float32, and the induction
-    and previous-token scores (layers, H). The model is in eval mode while it runs."""
+    and previous-token scores (layers, H). The model is in eval mode while it runs, on this
+    process alone (rank 0 probes while a context-parallel run's other ranks wait)."""
     was_training = model.training
     model.eval()
     x = tokens[None].to(next(model.parameters()).device)  # (1, T)
     try:
-        with recording() as layers:
+        with recording() as layers, model.without_context_parallel():
             model(x)
     finally:
         model.train(was_training)
