@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed
 from test_data_parallel import launch, losses
-from tolerances import SAME_MODEL_F32, TRAIN_LOSS_ABS
+from tolerances import SAME_MODEL_F32, STORED_F16, TRAIN_LOSS_ABS
 
 from selfattn.cli import main
+from selfattn.probe_file import read_probes
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -112,6 +113,10 @@ def test_context_parallel_runs_take_one_process_steps_and_resume_anywhere(tmp_pa
     _assert_same_losses(losses(cp), expected)
     # each evaluation's sample, drawn by rank 0 alone on the whole model, is one process's
     assert (cp / "samples.txt").read_text() == (single / "samples.txt").read_text()
+    # and so is the timeline's probe (rank 0 alone, float16)
+    probes, one = read_probes(cp), read_probes(single)
+    assert probes.iterations.tolist() == one.iterations.tolist()
+    torch.testing.assert_close(probes.attention.float(), one.attention.float(), **STORED_F16)
 
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(cp), "--max-new-tokens", "5", "--seed", "1"]) == 0
