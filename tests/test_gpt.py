@@ -191,6 +191,27 @@ def test_tied_embeddings_share_one_tensor_and_save_once():
     assert other.out_head.weight is other.tok_emb.weight
 
 
+def test_saving_weights_builds_no_chapter_mask_and_state_dict_still_has_it(monkeypatch):
+    """A checkpoint at a long context must not build n_layers x T x T floats; the chapter's
+    state_dict (for its GPTModel, strict=True) keeps its masks."""
+    from selfattn.modules import causal_multihead
+
+    model = GPT(GPTConfig(**{**SMALL, "context_length": 8192}))
+    built = []
+    real = causal_multihead._future_mask
+    monkeypatch.setattr(
+        causal_multihead, "_future_mask", lambda n, like: built.append(n) or real(n, like)
+    )
+    state = weights_state_dict(model)
+    assert built == [] and not any(k.endswith(".att.mask") for k in state)
+    assert len(state) == len(model.state_dict()) - model.config.n_layers  # the chapter's masks
+    assert built == [8192] * model.config.n_layers
+    other = GPT(GPTConfig(**{**SMALL, "context_length": 8192}))
+    load_weights(other, state)
+    pairs = zip(other.parameters(), model.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
 def test_bad_configs_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"emb_dim \(30\) must be divisible by n_heads \(4\)"):
         GPTConfig(**{**SMALL, "emb_dim": 30})

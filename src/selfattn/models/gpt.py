@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfattn._checks import check_window, positive_int, probability
-from selfattn.modules.causal_multihead import MultiHeadAttention
+from selfattn.modules.causal_multihead import MultiHeadAttention, without_chapter_masks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -371,10 +371,11 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, generator) -> T
 
 
 def weights_state_dict(model: GPT) -> dict[str, Tensor]:
-    """The model's weights for saving: no chapter ``mask`` entries (they are rebuilt on
-    demand), and with tied embeddings no ``out_head.weight`` (it is ``tok_emb.weight``)."""
-    state = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
+    """The model's weights for saving: no chapter ``mask`` entries (none is even built: at a
+    long context they would be n_layers x T x T floats), and with tied embeddings no
+    ``out_head.weight`` (it is ``tok_emb.weight``)."""
+    with without_chapter_masks():
+        state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("out_head.weight", None)
     return state

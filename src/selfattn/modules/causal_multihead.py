@@ -20,6 +20,7 @@ H heads, D = d_out / H head width.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -56,6 +57,22 @@ def _future_mask(context_length: int, like: Tensor) -> Tensor:
     return torch.ones(n, n, dtype=like.dtype, device=like.device).triu_(diagonal=1)
 
 
+_SAVING = threading.local()  # .without_mask: state_dict() leaves the chapter's mask out
+
+
+@contextmanager
+def without_chapter_masks() -> Iterator[None]:
+    """In the ``with`` block, ``state_dict()`` of these modules has no chapter ``mask`` entry
+    and builds none: how selfattn's own checkpoints save (they rebuild nothing on load either),
+    so a long context costs no context_length² floats per layer at a save."""
+    before = getattr(_SAVING, "without_mask", False)
+    _SAVING.without_mask = True
+    try:
+        yield
+    finally:
+        _SAVING.without_mask = before
+
+
 class _ChapterState(nn.Module):
     """The chapter's ``mask`` buffer in the ``state_dict``, without keeping it in memory.
 
@@ -65,7 +82,8 @@ class _ChapterState(nn.Module):
 
     * saving writes the chapter's ``mask`` where its buffer would be (first of the module's own
       entries), built on demand in the dtype and on the device of ``W_query``: the chapter's
-      class loads it with ``strict=True``. (So ``state_dict()`` itself does cost that memory.)
+      class loads it with ``strict=True``. (So ``state_dict()`` itself does cost that memory;
+      `without_chapter_masks` saves without it.)
     * loading accepts a ``mask`` entry, checks that it is the chapter's for this context_length
       (a ValueError otherwise), and drops it; a state_dict without one loads too.
     """
@@ -75,7 +93,8 @@ class _ChapterState(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "mask"] = _future_mask(self.context_length, self.W_query.weight)
+        if not getattr(_SAVING, "without_mask", False):
+            destination[prefix + "mask"] = _future_mask(self.context_length, self.W_query.weight)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         mask = state_dict.pop(prefix + "mask", None)  # load_state_dict passes us a copy

@@ -202,23 +202,21 @@ def _planned_config(req: TrainRequest) -> TrainConfig:
 
 
 def peak_bytes(cfg: TrainConfig, batch_size: int) -> int:
-    """A floor on the memory a run needs at its peak, in bytes (float32): the larger of
+    """A floor on the memory one iteration needs at its peak, in bytes (float32):
 
-    one iteration:
         activations backward keeps   n_layers * k * B * T * C   (k = 16; 8 attention-only)
         the logits and their grads   3 * B * T * V              (V when the settings name it)
         the attention weights        n_layers * 2 * B * H * T * T, backend "naive" only (the
                                      other engines never hold a T x T matrix per head)
-    one checkpoint:                  n_layers * T * T: the chapter's causal ``mask`` entry of
-                                     each layer, which ``GPT.state_dict()`` builds for saving
 
     The weights and AdamW's moments are left out: next to these they are small when it matters.
+    A checkpoint adds nothing of size T x T (`weights_state_dict` builds no chapter masks).
     """
     b, t, c, h, n = batch_size, cfg.block_size, cfg.emb_dim, cfg.n_heads, cfg.n_layers
     floats = n * (8 if cfg.attn_only else 16) * b * t * c + 3 * b * t * (cfg.vocab_size or 0)
     if cfg.backend == "naive":
         floats += n * 2 * b * h * t * t
-    return 4 * max(floats, n * t * t)
+    return 4 * floats
 
 
 def check_memory(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -233,8 +231,8 @@ def check_memory(cfg: TrainConfig, world_size: int = 1) -> None:
     where = "on the GPU" if cfg.device == "cuda" else "in RAM"
     raise ValueError(
         f"the run needs at least {need / 2**30:.1f} GiB (batch {cfg.batch_size}, block size "
-        f"{cfg.block_size}, backend {cfg.backend}; a checkpoint alone holds {cfg.n_layers} x "
-        f"T x T floats) but {available / 2**30:.1f} GiB is free {where}: lower --block-size or "
+        f"{cfg.block_size}, backend {cfg.backend}) but {available / 2**30:.1f} GiB is free "
+        f"{where}: lower --block-size or "
         f"--batch-size{hint}"
     )
 
