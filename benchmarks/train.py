@@ -2,6 +2,15 @@
 
     python benchmarks/train.py --out docs/bench/train.txt --png docs/bench/train.png
     python benchmarks/train.py --quick                 # a smoke test, in seconds
+    python benchmarks/train.py --whole --out docs/bench/train_whole.txt   # whole commands
+
+``--whole`` times two whole commands instead, each in a fresh process from start to exit, one
+after the other (``--rounds`` times, alternating; medians): ``selfattn train --preset
+shakespeare-char`` (start-up, data, training, evaluations, samples, plots, probes,
+checkpoints: everything a user waits for) and ``benchmarks/nanogpt_style.py``, nanoGPT's
+``train.py`` on its CPU recipe for the same model (its data prepared before the clock starts,
+as nanoGPT's ``prepare.py`` runs apart). Target: selfattn's wall time <= 0.9x nanoGPT-style's,
+at an equal or lower final validation loss (each over its own 20 evaluation batches).
 
 The recipe is the ``shakespeare-char`` preset (4 layers, 4 heads, emb 128, context 64, batch 12,
 2000 iterations, AdamW 1e-3 with warm-up and cosine decay, clipping 1.0, fp32, dropout 0) for
@@ -29,6 +38,7 @@ missed.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -185,6 +195,8 @@ def flops_per_iteration(model: GPT, cfg) -> float:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--whole", action="store_true", help="time the whole commands (see above)")
+    p.add_argument("--rounds", type=int, default=1, help="--whole: runs of each, alternating")
     p.add_argument("--quick", action="store_true", help="a smoke test: 40 iterations, no targets")
     p.add_argument("--iters", type=int, default=None, help="default: the preset's 2000")
     p.add_argument("--chunk", type=int, default=50, help="iterations per round-robin turn")
@@ -198,6 +210,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.whole:
+        return whole_commands(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PRESETS["shakespeare-char"].config.replace(seed=args.seed)
@@ -325,6 +339,80 @@ def draw(path: Path, contenders: list[Contender]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+# ------------------------------------------------------------------------ the whole commands
+
+TARGET_WHOLE = 0.90  # selfattn's whole command / the nanoGPT-style script's, wall time
+
+
+def whole_commands(args) -> int:
+    """``--whole``: both commands from process start to exit, alternating; medians."""
+    import json
+    import subprocess
+    import tempfile
+
+    from nanogpt_style import prepare  # beside this file
+
+    iters = 40 if args.quick else (args.iters or PRESETS["shakespeare-char"].config.iters)
+    walls: dict[str, list[float]] = {"selfattn": [], "nanogpt-style": []}
+    losses: dict[str, list[float]] = {"selfattn": [], "nanogpt-style": []}
+    load_before = machine.load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prepare(read_corpus(None).text, tmp / "data")  # not timed: nanoGPT's prepare.py
+        for r in range(args.rounds):
+            runs = {
+                "selfattn": [sys.executable, "-m", "selfattn", "train", "--preset",
+                             "shakespeare-char", "--quiet", "--iters", str(iters),
+                             "--out", str(tmp / f"run{r}")],
+                "nanogpt-style": [sys.executable, str(Path(__file__).with_name("nanogpt_style.py")),
+                                  "--data", str(tmp / "data"), "--out", str(tmp / f"ng{r}"),
+                                  "--iters", str(iters)],
+            }  # fmt: skip
+            for name, cmd in runs.items():
+                start = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                walls[name].append(time.perf_counter() - start)
+                if name == "selfattn":
+                    records = (tmp / f"run{r}" / "metrics.jsonl").read_text().splitlines()
+                    losses[name].append(json.loads(records[-1])["val_loss"])
+                else:
+                    losses[name].append(float(done.stdout.split()[-1]))
+                print(f"round {r + 1} {name}: {walls[name][-1]:.1f} s", file=sys.stderr)
+    text = whole_report(args, iters, walls, losses, load_before)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    return 0 if args.quick or "MISSED" not in text else 1
+
+
+def whole_report(args, iters, walls, losses, load_before) -> str:
+    med = {name: statistics.median(w) for name, w in walls.items()}
+    ratio = med["selfattn"] / med["nanogpt-style"]
+    lines = [
+        "whole commands: selfattn train --preset shakespeare-char vs a nanoGPT-style train.py",
+        f"machine: {machine.summary()}",
+        f"load average before: {load_before}; after: {machine.load_average()}",
+        f"{iters} iterations each, {args.rounds} round(s), alternating, medians",
+        "",
+        "contender      wall s (median)  runs                        final val loss",
+    ]
+    for name, w in walls.items():
+        runs = ", ".join(f"{x:.1f}" for x in w)
+        vals = ", ".join(f"{x:.4f}" for x in losses[name])
+        lines.append(f"{name:<14} {med[name]:15.1f}  {runs:<27} {vals}")
+    lines += ["", f"wall time, selfattn / nanoGPT-style: {ratio:.3f}"]
+    if args.quick or iters != PRESETS["shakespeare-char"].config.iters:
+        lines.append("targets not judged: not the full recipe")
+    else:
+        val_ok = statistics.median(losses["selfattn"]) <= statistics.median(losses["nanogpt-style"])
+        lines += [
+            f"target: wall <= {TARGET_WHOLE:.2f}x: {'ok' if ratio <= TARGET_WHOLE else 'MISSED'}",
+            f"target: validation loss <= nanoGPT-style's: {'ok' if val_ok else 'MISSED'}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
