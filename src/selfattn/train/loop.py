@@ -395,7 +395,7 @@ class _Loop:
         the other processes wait for it (`DataParallel.solo`)."""
 
         def work() -> None:
-            self.save()
+            self.worker.run(self.save, interruptible=False)  # on the worker: see train_step
             report = (self.run, self.records, self.reporter, self.plot, self.hooks.on_evaluated)
             self.worker.run(lambda: _report_evaluation(*report))
 
