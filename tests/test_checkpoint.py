@@ -281,6 +281,16 @@ def test_a_read_only_folder_names_the_manifest_and_keeps_the_last_checkpoint(run
     assert not [p.name for p in run.iterdir() if p.name.endswith((".new", ".tmp"))]
 
 
+def test_a_resume_may_change_the_backend_the_weights_do_not_depend_on_it(run, capsys):
+    assert json.loads((run / "config.json").read_text())["train"]["backend"] == "auto"
+    assert main(["train", "--resume", str(run), "--iters", "22", "--backend", "tiled"]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "config.json").read_text())["train"]["backend"] == "tiled"
+    assert [r["iter"] for r in metrics(run)][-2:] == [21, 22]
+    assert main(["train", "--resume", str(run), "--iters", "23", "--quiet"]) == 0  # tiled, now
+    assert main(["generate", "--checkpoint", str(run), "--max-new-tokens", "3"]) == 0
+
+
 # --- the schedule on resume ----------------------------------------------------------------------
 
 

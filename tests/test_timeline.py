@@ -136,7 +136,12 @@ def _slow_evaluation_at(iteration: int):
 
 @pytest.mark.parametrize(
     "stop",
-    ["after-iteration-3", "during-evaluation-4", "probes-past-the-checkpoint"],
+    [
+        "after-iteration-3",
+        "during-evaluation-4",
+        "during-the-last-evaluation",
+        "probes-past-the-checkpoint",
+    ],
 )
 def test_a_stopped_and_resumed_run_has_the_probes_of_the_uninterrupted_one(
     induction_run, tmp_path, capsys, stop
@@ -144,13 +149,16 @@ def test_a_stopped_and_resumed_run_has_the_probes_of_the_uninterrupted_one(
     out = tmp_path / "cut"
     if stop == "during-evaluation-4":
         hooks = Hooks(on_eval=[_slow_evaluation_at(4)])
+    elif stop == "during-the-last-evaluation":  # iteration 6 of 6 is done, its evaluation not
+        hooks = Hooks(on_eval=[_slow_evaluation_at(6)])
     else:
         hooks = Hooks(on_step=[_stop_at(3)])
     request = TrainRequest("induction", {**SMALL, "threads": 1}, str(out), quiet=True)
     assert run_train(request, hooks=hooks) == 130
     capsys.readouterr()
     kept = read_probes(out).iterations.tolist()
-    assert kept == [2]  # (stopped during 4's evaluation: 4's probe is not taken yet)
+    # (stopped during an evaluation: its probe is not taken yet)
+    assert kept == ([2, 4] if stop == "during-the-last-evaluation" else [2])
     if stop == "probes-past-the-checkpoint":  # a run killed after writing probes it never saved
         shutil.copy(induction_run / PROBES, out / PROBES)
         assert read_probes(out).iterations.tolist() == [2, 4, 6]
@@ -265,6 +273,15 @@ def test_a_run_without_probes_says_what_was_expected_and_how_to_get_them(
     assert "truncated or corrupted" in capsys.readouterr().err
 
 
+def test_a_damaged_probe_file_does_not_stop_a_resume(induction_run, tmp_path, capsys):
+    out = shutil.copytree(induction_run, tmp_path / "run")
+    (out / PROBES).write_bytes(b"not safetensors")
+    assert main(["train", "--resume", str(out), "--iters", "8", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "truncated or corrupted" in err and "starts again" in err
+    assert read_probes(out).iterations.tolist() == [8]  # a new timeline, from the next one
+
+
 # --- inline --------------------------------------------------------------------------------------
 
 
@@ -303,9 +320,10 @@ def _scalars_match_metrics(board: Path, run: Path) -> None:
 
 
 def _scalars_match_metrics_of(board: Path, run: Path, among: set[str]) -> None:
-    """TensorBoard's scalars are metrics.jsonl's, tag by tag, ``among`` them."""
+    """TensorBoard's scalars are metrics.jsonl's, tag by tag, ``among`` them (and the probe's
+    scores, ``probe/...``)."""
     events = _events(board)
-    logged = set(events.Tags()["scalars"])
+    logged = {t for t in events.Tags()["scalars"] if not t.startswith("probe/")}
     wanted = {}
     for r in records(run):
         for key, value in r.items():
@@ -322,6 +340,15 @@ def test_tensorboard_gets_the_scalars_of_metrics_jsonl_and_the_probes_images(ind
     board = induction_run.parent / "board"
     _scalars_match_metrics(board, induction_run)
     events = _events(board)
+    probes = read_probes(induction_run)  # every head's probe scores, each evaluation, exactly
+    for name, scores in (
+        ("induction", probes.induction),
+        ("previous_token", probes.previous_token),
+    ):
+        for layer, head in ((0, 3), (1, 2)):
+            got = [(e.step, e.value) for e in events.Scalars(f"probe/{name}/L{layer}H{head}")]
+            its = probes.iterations.tolist()
+            assert got == [(it, float(scores[k, layer, head])) for k, it in enumerate(its)]
     assert set(events.Tags()["images"]) == {"attention/layer0", "attention/layer1"}
     images = events.Images("attention/layer1")
     assert [i.step for i in images] == [2, 4, 6]

@@ -12,9 +12,13 @@ context_parallel.py  --context-parallel C: a (data, context) device mesh, zigzag
                 sequence, the GPT on ring attention
 induction.py    the induction-head task: repeated random segments, accuracy and head scores
 progress.py     the rich progress bar, or plain lines
-command.py      `selfattn train` / `selfattn generate`: request -> run
+command.py      `selfattn train` / `selfattn generate`: request -> run (cli.py: their flags)
 traces.py       a trained run's attention on a text, for `selfattn explain --checkpoint`
 head_scores.py  every head's induction / previous-token score, for `--induction-scores`
+probes.py       every head's attention on a fixed probe at each evaluation (the timeline)
+tensorboard_log.py  --tensorboard DIR: scalars, probe scores and attention images
+files.py        atomic, durable writes (CheckpointWriteError)
+plot.py         loss.png and scores.png
 """
 
 from selfattn.train.checkpoint import LoadedRun, load_run

@@ -21,6 +21,7 @@ import torch
 from selfattn._argtypes import warn_if_more_threads_than_cores
 from selfattn._checks import check_device as _check_device
 from selfattn.models.gpt import GPT
+from selfattn.probe_file import Probes
 from selfattn.train import checkpoint
 from selfattn.train.config import RESUMABLE, TrainConfig
 from selfattn.train.context_parallel import start as start_processes
@@ -386,7 +387,8 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
         )
     cfg = _resumed_config(req, out, record)
     state = checkpoint.load_state(out)
-    if state.iteration >= cfg.iters:
+    history = _history(out / METRICS, state.iteration)
+    if state.iteration >= cfg.iters and not _evaluation_pending(history, state.iteration):
         raise ValueError(
             f"the run in {out} has done {state.iteration} of {cfg.iters} iterations: pass "
             f"--iters N (more than {state.iteration}) to go on"
@@ -398,22 +400,41 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
     else:
         corpus = _same_text(cfg.text_file, data.get("sha256"), out)
         batches = _batches(cfg, encode_splits(corpus, tokenizer, cfg.block_size), dist)
-    model_config = checkpoint.model_config(record)
+    # the engine may change on a resume (every engine computes the same function)
+    model_config = dataclasses.replace(checkpoint.model_config(record), backend=cfg.backend)
     if model_config != cfg.model_config(tokenizer.vocab_size):
         raise ValueError(f"{out}/config.json: its model and training settings disagree")
     _check_device(cfg.device)
     model = GPT(model_config, context_parallel_group=dist.context_group)
     checkpoint.check_state(state, model, out)  # names and shapes: the state will load
-    history = _history(out / METRICS, state.iteration)
-    cut, probes = kept_probes(out, state.iteration)  # the timeline's, up to the checkpoint too
+    cut, probes = _kept_probes(out, state.iteration, dist)
     dist.barrier()  # every process has read the folder before rank 0 changes it
     if dist.is_main:  # checked: now the folder changes
         record["train"] = dataclasses.asdict(cfg)
+        record["model"] = dataclasses.asdict(model_config)
         checkpoint.write_config(out, record)
         checkpoint.atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
         if cut:
             write_probes(out, probes)
     return Run(cfg, model, tokenizer, batches, out, record.get("preset", "train"), state, history)
+
+
+def _evaluation_pending(history: list[dict], iteration: int) -> bool:
+    """Whether the run stopped during the evaluation of its last checkpointed iteration (its
+    record has no validation loss): a resume runs that evaluation, even at the last iteration."""
+    return bool(history) and history[-1]["iter"] == iteration and "val_loss" not in history[-1]
+
+
+def _kept_probes(out: Path, iteration: int, dist: DataParallel) -> tuple[bool, Probes | None]:
+    """The timeline's probes, up to the checkpoint like metrics.jsonl (`kept_probes`). A damaged
+    file only feeds the timeline: it is dropped with a warning, and the timeline starts again."""
+    try:
+        return kept_probes(out, iteration)
+    except ValueError as err:
+        if dist.is_main:
+            print(f"selfattn train: warning: {err}; it is replaced: the timeline starts again "
+                  "at the next evaluation", file=sys.stderr)  # fmt: skip
+        return True, None
 
 
 def _resumed_config(req: TrainRequest, out: Path, record: dict) -> TrainConfig:

@@ -131,5 +131,14 @@ class TrainConfig:
 # Settings a resumed run may change; any other flag must agree with the checkpoint. decay_iters
 # only when given: without it a resumed run keeps the schedule it started with.
 RESUMABLE = frozenset(
-    {"iters", "decay_iters", "eval_every", "eval_iters", "sample_tokens", "device", "threads"}
+    {
+        "iters",
+        "decay_iters",
+        "eval_every",
+        "eval_iters",
+        "sample_tokens",
+        "device",
+        "threads",
+        "backend",
+    }  # every engine computes the same function: the weights do not depend on it
 )

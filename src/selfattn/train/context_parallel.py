@@ -138,7 +138,7 @@ def check_backend(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--context-parallel runs every attention layer as ring attention, whose blocks "
             f"need an engine that returns the log-sum-exp; --backend {cfg.backend} cannot "
-            f"({err})"
+            f"({err}); pass --backend auto (fused or tiled), also on a resume"
         ) from None
 
 

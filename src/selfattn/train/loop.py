@@ -20,12 +20,13 @@ draws from the global torch generator, which each iteration reseeds from (seed, 
 iteration) (`dropout_seed`): every process has its own masks, and a resume, with any number
 of processes, draws exactly the masks of a run never stopped.
 
-Stopping. The work of an iteration (forward, backward, the collectives) and of an evaluation
-runs in a worker thread while the main thread waits, answering signals: a stop request drops
-the unfinished iteration at once, even inside one long torch operation, and the checkpoint is
-that of the last complete one (the only change to the weights and the optimizer,
-``optimizer.step``, happens on the main thread once the worker is done). A loss that is not
-finite stops the run with `Diverged`, before the step and before any checkpoint of it.
+Stopping. Every tensor operation (forward, backward, the collectives, clipping, the step, an
+evaluation, a checkpoint) runs in one worker thread while the main thread waits, answering
+signals: a stop request drops an unfinished forward and backward at once, even inside one long
+torch operation, and the checkpoint is that of the last complete iteration. The step (the only
+change to the weights and the optimizer) and a checkpoint are never cut: a stop waits for them.
+A stop during an evaluation keeps its iteration; the resume runs that evaluation first. A loss
+that is not finite stops the run with `Diverged`, before the step and before any checkpoint.
 
 Extension points: ``hooks.on_eval`` functions get an `EvalContext` and return extra metrics
 (say, an induction score per head); ``hooks.on_step`` functions see every record, and

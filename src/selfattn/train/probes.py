@@ -85,12 +85,13 @@ def probe_attention(model: GPT, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]
 class ProbeRecorder:
     """Rank 0's recorder: a `selfattn.train.loop.Hooks.on_evaluated` hook that adds each
     evaluation's attention on the probe to RUN/probes.safetensors (rewritten atomically).
-    ``last``: the latest evaluation's (iteration, attention (layers, H, T, T)), for TensorBoard."""
+    ``last``: the latest evaluation's (iteration, attention (layers, H, T, T), induction and
+    previous-token scores (layers, H)), for TensorBoard."""
 
     def __init__(self, out: Path, probes: Probes) -> None:
         self.path = Path(out) / PROBES
         self.probes = probes
-        self.last: tuple[int, Tensor] | None = None
+        self.last: tuple[int, Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def for_run(cls, run, val: Tensor | None) -> ProbeRecorder:
@@ -108,7 +109,7 @@ class ProbeRecorder:
         attention, induction, previous = probe_attention(run.model, self.probes.tokens)
         self.probes = self.probes.add(iteration, attention, induction, previous)
         atomic_write_bytes(self.path, self.probes.to_bytes())
-        self.last = (iteration, attention)
+        self.last = (iteration, attention, induction, previous)
 
 
 def kept_probes(out: Path, iteration: int) -> tuple[bool, Probes | None]:

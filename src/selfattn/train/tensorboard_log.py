@@ -72,11 +72,15 @@ class TensorBoardLog:
                 self._scalar(name, value, record["iter"])
         last = self.probes.last
         if last is not None and last[0] == record["iter"]:
-            for layer, heads in enumerate(last[1]):
+            it, attention, induction, previous = last
+            for layer, heads in enumerate(attention):
                 image = attention_image(heads)
-                self.writer.add_image(
-                    f"attention/layer{layer}", image, record["iter"], dataformats="HWC"
-                )
+                self.writer.add_image(f"attention/layer{layer}", image, it, dataformats="HWC")
+            for name, scores in (("induction", induction), ("previous_token", previous)):
+                for (layer, head), value in zip(
+                    _heads(scores), scores.flatten().tolist(), strict=True
+                ):
+                    self._scalar(f"probe/{name}/L{layer}H{head}", value, it)
         self.writer.flush()
 
     def _scalar(self, name: str, value, step: int) -> None:
@@ -85,6 +89,11 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _heads(scores: Tensor) -> list[tuple[int, int]]:
+    """(layer, head) of each entry of a (layers, H) tensor, in its flattened order."""
+    return [(layer, head) for layer in range(scores.shape[0]) for head in range(scores.shape[1])]
 
 
 def attention_image(heads: Tensor) -> Tensor:
