@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import unicodedata
@@ -110,6 +111,43 @@ def test_python_block_runs(where, code, tmp_path):
 
 
 # Heading ids ----------------------------------------------------------------------------------
+
+
+def selfattn_commands() -> list[tuple[str, list[str]]]:
+    """(where, arguments) of every ``selfattn ...`` or ``... -m selfattn ...`` command line in
+    the shell blocks (```bash, ```sh, ```console or unlabelled), continuation lines joined."""
+    found = []
+    for path in markdown_files():
+        blocks, _ = split_markdown(path.read_text(encoding="utf-8"))
+        for block in blocks:
+            if block.language not in ("bash", "sh", "console", ""):
+                continue
+            for k, line in enumerate(block.code.replace("\\\n", " ").splitlines()):
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError:  # not a command line
+                    continue
+                words = words[: words.index("|")] if "|" in words else words
+                where = f"{name(path)}:{block.line + 1 + k}"
+                if words[:1] == ["selfattn"]:
+                    found.append((where, words[1:]))
+                elif "selfattn" in words[1:] and words[words.index("selfattn") - 1] == "-m":
+                    found.append((where, words[words.index("selfattn") + 1 :]))
+    return found
+
+
+def test_every_command_line_in_the_docs_parses():
+    """The commands the pages show are ones selfattn accepts (flags renamed or removed since
+    would fail here); running them is the python blocks' and the CLI tests' job."""
+    from selfattn.cli import build_parser
+
+    commands = selfattn_commands()
+    assert len(commands) >= 15
+    for where, args in commands:
+        try:
+            build_parser().parse_args(args)
+        except SystemExit as done:
+            assert not done.code, f"{where}: selfattn {' '.join(args)}"
 
 
 def mkdocs_slug(text: str) -> str:

@@ -310,8 +310,13 @@ def test_the_notebooks_views_render_in_chromium_offline_without_errors(browser, 
         )
         assert drawn[0] > 0 and drawn[1] > 0, (index, drawn)
         assert drawn[2] == 0  # the "needs JavaScript" note is not drawn
+    # the training timeline (selfattn.show(run_dir, timeline=True)): every head of the run drawn
+    timeline = "document.querySelector('.selfattn-timeline').shadowRoot"
+    assert browser.js("document.querySelectorAll('.selfattn-timeline').length") == 1
+    assert browser.js(f"{timeline}.querySelectorAll('canvas').length") == 2 * 4  # layers x heads
+    assert browser.js(f"{timeline}.getElementById('slider').type") == "range"
     ids = browser.js("[...document.querySelectorAll('[id]')].map(e => e.id)")
-    assert len(ids) == count == len(set(ids))  # the views' hosts, and nothing else
+    assert len(ids) == count + 1 == len(set(ids))  # the views' hosts, and nothing else
     globals_ = browser.js("Object.keys(window).filter(k => /selfattn/i.test(k))")
     assert globals_ == []
     assert browser.errors() == []
