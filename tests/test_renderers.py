@@ -558,3 +558,28 @@ def test_make_docs_images_remakes_every_image_in_docs():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert set(script.IMAGES) == {path.name for path in docs.glob("*.png")}
+
+
+@pytest.mark.parametrize("flag", ["--html", "--png"])
+def test_a_page_or_image_that_cannot_be_replaced_keeps_the_old_file_whole(
+    flag, tmp_path, capsys, monkeypatch
+):
+    """Files a user keeps are written atomically: the new bytes go to a temporary file that is
+    renamed over the old one; a failure at the rename leaves the old file and no temporary."""
+    import os
+
+    if flag == "--png":
+        need_module("matplotlib")
+    name = "out.html" if flag == "--html" else "out.png"
+    target = tmp_path / name
+    target.write_bytes(b"the old file")
+
+    def replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["explain", "--module", "mha", "--heads", "2", flag, str(target)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert target.read_bytes() == b"the old file"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from selfattn import _atomic
 from selfattn.bench.results import Measurement, Results
 
 PLOT_EXTRA = "--plot needs matplotlib: pip install 'selfattn[bench]'"
@@ -141,7 +142,7 @@ def _legend(results: Results, console: Console, decode: bool) -> None:
 
 
 def write_json(results: Results, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(results.to_dict(), indent=1) + "\n")
+    _atomic.write_text(path, json.dumps(results.to_dict(), indent=1) + "\n")
 
 
 def read_json(path: str | Path) -> Results:
@@ -217,7 +218,7 @@ def plot(results: Results, path: str | Path) -> None:
     ax_t.legend(fontsize=7, ncol=2)
     fig.suptitle(title + f" ({next(iter(series))})" if len(series) == 1 else title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _atomic.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -278,7 +279,7 @@ def _bars(results: Results, ok: list[Measurement], path, title: str, plt, decode
     label = ok[0].label
     fig.suptitle(f"{title}\n{label}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _atomic.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from selfattn import _atomic
 from selfattn.explain.jsonout import visible_steps
 from selfattn.trace import Trace
 
@@ -127,10 +128,8 @@ def write_html(
     step: str = "weights",
     title: str | None = None,
 ) -> None:
-    """`render_html` written to ``path`` (UTF-8)."""
-    page = render_html(traces, layer=layer, head=head, step=step, title=title)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    """`render_html` written to ``path`` (UTF-8, atomically)."""
+    _atomic.write_text(path, render_html(traces, layer=layer, head=head, step=step, title=title))
 
 
 def page_data(

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from selfattn import _atomic
 from selfattn._extras import require
 from selfattn.explain.chapter import add_chapter_steps
 from selfattn.explain.html import PAGE_STEPS, render_view, write_html
 from selfattn.explain.png import PNG_STEPS, attention_figure
-from selfattn.explain.timeline import render_timeline_view, timeline_data, write_timeline
+from selfattn.explain.timeline import render_timeline_html, render_timeline_view, timeline_data
 from selfattn.trace import Trace, set_html_view, trace_all
 
 if TYPE_CHECKING:
@@ -88,8 +89,9 @@ class TimelineView:
         return render_timeline_view(self.data, view_id=f"selfattn-{uuid.uuid4().hex}")
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """The same timeline as one self-contained page."""
-        write_timeline(self.run_dir, path)
+        """The same timeline as one self-contained page: the one shown (the run's files as
+        they were read then), written atomically."""
+        _atomic.write_text(path, render_timeline_html(self.data))
 
     def __repr__(self) -> str:
         d = self.data

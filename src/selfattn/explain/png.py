@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from selfattn import _atomic
 from selfattn._extras import require
 from selfattn.trace import Trace
 
@@ -75,7 +76,7 @@ def render_png(
     fmt = image_format(path)
     fig = attention_figure(tr, step=step, heads=heads)
     dpi = min(dpi, _MAX_PIXELS / max(fig.get_size_inches()))
-    fig.savefig(os.fspath(path), dpi=dpi, format=fmt)
+    _atomic.save_figure(fig, path, dpi=dpi, format=fmt)
     return fig
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from selfattn import _atomic
 from selfattn.probe_file import Probes, read_probes
 
 FORMED_AT = 0.5  # an induction head: over half of its attention on the token after the earlier one
@@ -169,10 +170,8 @@ def render_timeline_view(data: dict[str, Any], *, view_id: str) -> str:
 
 
 def write_timeline(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """The timeline page of the run in ``run_dir``, written to ``path`` (UTF-8)."""
-    page = render_timeline_html(timeline_data(run_dir))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    """The timeline page of the run in ``run_dir``, written to ``path`` (UTF-8, atomically)."""
+    _atomic.write_text(path, render_timeline_html(timeline_data(run_dir)))
 
 
 def _script_json(data: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from selfattn._atomic import sync_folder
 from selfattn._extras import require
 from selfattn.models import gpt2
 from selfattn.models.gpt import GPT, GPTConfig, load_weights, weights_state_dict
@@ -54,7 +55,6 @@ from selfattn.train.files import (
     atomic_write_text,
     remove_stale,
     replace,
-    sync_folder,
     write_durably,
 )
 

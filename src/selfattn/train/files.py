@@ -1,8 +1,6 @@
-"""Durable file writes: a temporary file in the same folder, flushed to disk, then renamed.
-
-``os.replace`` is atomic on POSIX and Windows, so a reader (or a run killed at any moment) sees
-either the old file or the new one, never half of one. The folder is flushed after the rename,
-so the new name survives a power cut too.
+"""Durable file writes for a run's folder: `selfattn._atomic`'s (a temporary file in the same
+folder, flushed to disk, then renamed: a reader, or a run killed at any moment, sees the old
+file or the new one, never half of one), with the run's own error.
 
 A write that fails (a full disk, a read-only folder) raises `CheckpointWriteError`, an
 `OSError` whose message names the file: ``cannot write runs/x/model.safetensors: No space left
@@ -12,10 +10,10 @@ on device``. The old file is untouched and the temporary one removed.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-TMP_SUFFIX = ".tmp"  # every temporary name ends so; a kill can leave one behind (see remove_stale)
+from selfattn import _atomic
+from selfattn._atomic import TMP_SUFFIX
 
 
 class CheckpointWriteError(OSError):
@@ -51,23 +49,10 @@ def write_durably(path: Path, data: bytes, shown: Path | None = None) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (`CheckpointWriteError` when it cannot be done)."""
-    path = Path(path)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise cannot_write(path, err) from None
-        raise
-    sync_folder(path.parent)
+        _atomic.write_bytes(path, data)
+    except OSError as err:
+        raise cannot_write(Path(path), err) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -82,27 +67,7 @@ def replace(src: Path, dst: Path) -> None:
         raise cannot_write(Path(dst), err) from None
 
 
-def sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (renames, new files) to disk; a no-op where that is impossible."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder; its renames are durable anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale(folder: Path) -> None:
     """Remove the temporary files (``.NAME.XXXX.tmp``) a killed write left in ``folder``."""
     for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
         path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
