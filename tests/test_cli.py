@@ -120,7 +120,8 @@ def test_other_modules_explain(capsys, module):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["explain", "--bogus"], "unrecognized arguments"),
+        (["explain", "--bogus"], "selfattn explain: error: unrecognized arguments: --bogus"),
+        (["train", "--bogus", "1"], "selfattn train: error: unrecognized arguments: --bogus 1"),
         (["explain", "--module", "v3"], "invalid choice"),
         (["explain", "--d-out", "0"], "positive integer"),
         (["explain", "--d-out", "x"], "positive integer"),

@@ -101,11 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = _ReaderGone.install()
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args, unknown = build_parser().parse_known_args(argv)
         except SystemExit as done:  # --help and --version print, then exit 0
             sys.stdout.flush()
             return _status(int(done.code or 0), out, err)
         prog = f"selfattn {args.command}"
+        if unknown:  # named after the command, as its other usage errors are
+            raise UsageError(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}")
         status = args.run(args)
         sys.stdout.flush()
         return _status(status, out, err)
