@@ -187,3 +187,5 @@ def test_explain_shows_the_trained_heads_with_the_tokens_as_labels(short_run, ca
     assert "over the run's context of 96 tokens" in capsys.readouterr().err
     assert main([*args, "--seed", "1"]) == 2
     assert "--seed does not apply to --checkpoint" in capsys.readouterr().err
+    assert main([*args, "--heads", "2"]) == 2  # not a --module the user never named
+    assert "--heads does not apply to --checkpoint" in capsys.readouterr().err

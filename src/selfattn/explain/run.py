@@ -77,7 +77,10 @@ def check_options(req: ExplainRequest) -> None:
             f"--heads does not apply to {model}: its heads are fixed (pick one with --head)",
         ),
         (
-            req.heads is not None and req.model is None and kind not in MULTI_HEAD_KINDS,
+            req.heads is not None
+            and req.model is None
+            and req.checkpoint is None
+            and kind not in MULTI_HEAD_KINDS,
             f"--heads applies to --module wrapper or mha; --module {kind} has one head",
         ),
         (
