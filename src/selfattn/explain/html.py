@@ -66,11 +66,17 @@ def render_html(
     ``layer``, ``head`` and ``step`` are the ones shown first; all stay selectable.
     """
     data = page_data(traces, layer=layer, head=head, step=step, title=title)
+    return fill_page(_BODY, _CSS, _JS, data)
+
+
+def fill_page(body: str, css: str, js: str, data: dict[str, Any]) -> str:
+    """One self-contained page: ``body``, ``css`` and ``js`` (a function of the root it draws
+    in) with ``data`` (its ``"title"`` the page's) as JSON. Shared by every selfattn page."""
     return (
-        _TEMPLATE.replace("__BODY__", _BODY)
+        _TEMPLATE.replace("__BODY__", body)
         .replace("__TITLE__", html.escape(data["title"]))
-        .replace("__CSS__", _CSS)
-        .replace("__JS__", _JS)
+        .replace("__CSS__", css)
+        .replace("__JS__", js)
         .replace("__DATA__", _script_json(data))
     )
 
@@ -92,16 +98,26 @@ def render_view(
     (letters, digits, ``-`` and ``_``, starting with a letter). Like the page, it loads nothing.
     Where scripts do not run (an untrusted notebook), the div says so instead.
     """
+    data = page_data(traces, layer=layer, head=head, step=step, title=title)
+    return fill_view(view_id, "selfattn-view", "view", _BODY, _CSS, _JS, data)
+
+
+def fill_view(
+    view_id: str, css_class: str, what: str, body: str, css: str, js: str, data: dict[str, Any]
+) -> str:
+    """A page's view as a fragment for another page (see `render_view`): the host div of class
+    ``css_class``, its markup in a shadow root; ``what`` names it in the no-JavaScript note."""
     if not isinstance(view_id, str) or not _VIEW_ID.fullmatch(view_id):
         raise ValueError(
             f"view_id must be letters, digits, '-' and '_', starting with a letter; got {view_id!r}"
         )
-    data = page_data(traces, layer=layer, head=head, step=step, title=title)
     return (
         _VIEW.replace("__ID__", view_id)
-        .replace("__BODY__", _BODY)
-        .replace("__CSS__", _CSS)
-        .replace("__JS__", _JS)
+        .replace("__CLASS__", css_class)
+        .replace("__WHAT__", what)
+        .replace("__BODY__", body)
+        .replace("__CSS__", css)
+        .replace("__JS__", js)
         .replace("__DATA__", _script_json(data))
     )
 
@@ -271,8 +287,8 @@ __BODY__
 # until the script moves it into the div's shadow root (light-DOM children of a shadow host are
 # not drawn, so the note shows only where the script never ran). The script finds the div by its
 # id, or, where the output is not in the document yet, as the element just before itself.
-_VIEW = """<div id="__ID__" class="selfattn-view"><template><style>__CSS__</style>
-__BODY__</template><p style="font-style: italic">selfattn: this interactive view needs
+_VIEW = """<div id="__ID__" class="__CLASS__"><template><style>__CSS__</style>
+__BODY__</template><p style="font-style: italic">selfattn: this interactive __WHAT__ needs
 JavaScript. Run the cell again (in a trusted notebook) to see it.</p></div>
 <script>
 (function () {

@@ -24,24 +24,22 @@ page keeps evenly spaced evaluations (the first, the last and the formation's al
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from selfattn import _atomic
+from selfattn.explain.html import fill_page, fill_view
 from selfattn.probe_file import Probes, read_probes
 
 FORMED_AT = 0.5  # an induction head: over half of its attention on the token after the earlier one
 MAX_CELLS = 6_000_000  # bytes of weights a page holds (8 MB once in base64)
 _METRICS = "metrics.jsonl"
 _CONFIG = "config.json"
-_VIEW_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 def timeline_data(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -144,82 +142,19 @@ def _kept(probes: Probes, formed: dict | None) -> tuple[list[int], str]:
 
 def render_timeline_html(data: dict[str, Any]) -> str:
     """The whole page for ``data`` (`timeline_data`), as a string."""
-    return (
-        _TEMPLATE.replace("__BODY__", _BODY)
-        .replace("__TITLE__", html.escape(data["title"]))
-        .replace("__CSS__", _CSS)
-        .replace("__JS__", _JS)
-        .replace("__DATA__", _script_json(data))
-    )
+    return fill_page(_BODY, _CSS, _JS, data)
 
 
 def render_timeline_view(data: dict[str, Any], *, view_id: str) -> str:
     """The view as a fragment for another page (a notebook cell): one ``<div id=view_id>`` whose
     shadow root the script fills, so several views share no ids, globals or styles."""
-    if not isinstance(view_id, str) or not _VIEW_ID.fullmatch(view_id):
-        raise ValueError(
-            f"view_id must be letters, digits, '-' and '_', starting with a letter; got {view_id!r}"
-        )
-    return (
-        _VIEW.replace("__ID__", view_id)
-        .replace("__BODY__", _BODY)
-        .replace("__CSS__", _CSS)
-        .replace("__JS__", _JS)
-        .replace("__DATA__", _script_json(data))
-    )
+    return fill_view(view_id, "selfattn-timeline", "timeline", _BODY, _CSS, _JS, data)
 
 
 def write_timeline(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """The timeline page of the run in ``run_dir``, written to ``path`` (UTF-8, atomically)."""
     _atomic.write_text(path, render_timeline_html(timeline_data(run_dir)))
 
-
-def _script_json(data: dict[str, Any]) -> str:
-    """``data`` as JSON to place inside a ``<script>`` element (< > & escaped)."""
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return (
-        payload.replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026")
-        .replace("\u2028", "\\u2028")
-        .replace("\u2029", "\\u2029")
-    )
-
-
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>__TITLE__</title>
-<style>__CSS__</style>
-</head>
-<body>
-__BODY__
-<footer>Made by <b>selfattn</b>. This page is one self-contained file: it works offline and
-  loads nothing from the network.</footer>
-<script>(__JS__)(document);</script>
-</body>
-</html>
-"""
-
-_VIEW = """<div id="__ID__" class="selfattn-timeline"><template><style>__CSS__</style>
-__BODY__</template><p style="font-style: italic">selfattn: this interactive timeline needs
-JavaScript. Run the cell again (in a trusted notebook) to see it.</p></div>
-<script>
-(function () {
-  "use strict";
-  const me = document.currentScript;
-  const host = document.getElementById("__ID__") || (me && me.previousElementSibling);
-  if (!host || host.shadowRoot) return;
-  const root = host.attachShadow({ mode: "open" });
-  root.appendChild(host.querySelector("template").content.cloneNode(true));
-  (__JS__)(root);
-})();
-</script>
-"""
 
 _BODY = """<header>
   <p class="kicker">selfattn timeline</p>
