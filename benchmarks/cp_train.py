@@ -43,6 +43,7 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from selfattn.bench import machine
+from selfattn.bench.memory import reset_high_water_mark, status_bytes
 from selfattn.ring import run_local
 
 MIB = 2**20
@@ -53,15 +54,11 @@ CORES = 2
 # -------------------------------------------------------------- what runs in each fresh process
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_high_water_mark() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+def _mark() -> int:
+    """Reset the kernel's high-water mark to the resident size, and return that size."""
+    if not reset_high_water_mark():
+        raise SystemExit("cp_train.py measures memory through Linux's /proc/self/clear_refs")
+    return status_bytes("VmRSS")
 
 
 def train_run(context: int, iters: int, context_parallel: int | None) -> dict:
@@ -99,15 +96,13 @@ def train_run(context: int, iters: int, context_parallel: int | None) -> dict:
 
     def on_step(record: dict) -> None:  # the end of an iteration: its time and peak
         marks["times"].append(time.perf_counter())
-        marks["peaks"].append(_status_bytes("VmHWM") - marks["base"])
-        _reset_high_water_mark()
-        marks["base"] = _status_bytes("VmRSS")
+        marks["peaks"].append(status_bytes("VmHWM") - marks["base"])
+        marks["base"] = _mark()
 
     with tempfile.TemporaryDirectory(prefix="cp_train_") as out:
         run = Run(cfg, model, tokenizer, batches, Path(out), title="cp_train")
         dist.barrier()
-        _reset_high_water_mark()
-        marks["base"] = _status_bytes("VmRSS")
+        marks["base"] = _mark()
         marks["times"].append(time.perf_counter())
         result = train(run, hooks=Hooks(on_step=[on_step]), dist=run_dist)
     dist.barrier()

@@ -172,7 +172,7 @@ def _maxrss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def _status_bytes(field: str) -> int | None:
+def status_bytes(field: str) -> int | None:
     """A size from /proc/self/status (Linux), e.g. "VmRSS", in bytes; None elsewhere."""
     try:
         with open("/proc/self/status") as f:
@@ -185,10 +185,10 @@ def _status_bytes(field: str) -> int | None:
 
 
 def vm_size_bytes() -> int:
-    return _status_bytes("VmSize") or 0
+    return status_bytes("VmSize") or 0
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     """Linux (>= 4.0): make the high-water mark the current resident size again."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -201,13 +201,13 @@ def _reset_high_water_mark() -> bool:
 def peak_bytes(call) -> int:
     """The peak resident memory of this process during ``call()``, beyond what was resident
     just before it, in bytes (see the module's docstring)."""
-    if _reset_high_water_mark():
-        base = _status_bytes("VmRSS")
+    if reset_high_water_mark():
+        base = status_bytes("VmRSS")
         call()
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
         if base is not None and peak is not None:
             return max(0, peak - base)
-    base = _status_bytes("VmRSS") or _maxrss_bytes()
+    base = status_bytes("VmRSS") or _maxrss_bytes()
     call()
     return max(0, _maxrss_bytes() - base)
 
