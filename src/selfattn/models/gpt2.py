@@ -187,19 +187,22 @@ def _unprefixed(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def shape_problems(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
-    """What differs between saved and expected {name: shape}: in expected's order, then extras."""
+def shape_problems(
+    saved: dict[str, tuple], expected: dict[str, tuple], stranger: str = "is not in a GPT-2"
+) -> list[str]:
+    """What differs between saved and expected {name: shape}: in expected's order, then the
+    names only ``saved`` has ("NAME ``stranger``"). Also what a selfattn checkpoint reports."""
     problems = []
     for name, shape in expected.items():
         if name not in saved:
             problems.append(f"{name} missing")
         elif saved[name] != shape:
             problems.append(f"{name} saved {saved[name]}, expected {shape}")
-    problems += [f"{name} is not in a GPT-2" for name in saved if name not in expected]
+    problems += [f"{name} {stranger}" for name in saved if name not in expected]
     return problems
 
 
-def misfit(where: str, config: str, problems: list[str]) -> ValueError:
+def misfit(where: object, config: object, problems: list[str]) -> ValueError:
     """One line: what does not fit, the first three, then how many more."""
     shown = "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
     return ValueError(f"{where} does not fit {config}: {shown}")

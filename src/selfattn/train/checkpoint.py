@@ -281,30 +281,12 @@ def _shapes(tensors: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
-def _shape_problems(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
-    """What differs between saved and expected {name: shape}: in the model's order, then extras."""
-    problems = []
-    for name, shape in expected.items():
-        if name not in saved:
-            problems.append(f"{name} missing")
-        elif saved[name] != shape:
-            problems.append(f"{name} saved {saved[name]}, expected {shape}")
-    problems += [f"{name} is not in the model" for name in saved if name not in expected]
-    return problems
-
-
-def _misfit(path: Path, config: Path, problems: list[str]) -> ValueError:
-    """One line: what does not fit, the first three, then how many more."""
-    shown = "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
-    return ValueError(f"{path} does not fit {config}: {shown}")
-
-
 def check_state(state: TrainState, model: GPT, run_dir: Path = Path(".")) -> None:
     """ValueError naming every tensor of ``state`` that does not fit ``model`` (name, saved
     shape, expected shape): the weights, AdamW's moments and the RNG states a resume needs."""
     saved = {f"model.{k}": s for k, s in _shapes(state.model).items()}
     expected = {f"model.{k}": s for k, s in _shapes(weights_state_dict(model)).items()}
-    problems = _shape_problems(saved, expected)
+    problems = gpt2.shape_problems(saved, expected, "is not in the model")
     params = _shapes(dict(model.named_parameters()))
     for name, moments in state.optimizer.items():
         if name not in params:
@@ -316,7 +298,7 @@ def check_state(state: TrainState, model: GPT, run_dir: Path = Path(".")) -> Non
                 problems.append(f"optim.{name}.{key} saved {tuple(value.shape)}, expected {want}")
     problems += [f"rng.{k} missing" for k in ("torch", "batches") if k not in state.rng]
     if problems:
-        raise _misfit(Path(run_dir) / STATE, Path(run_dir) / CONFIG, problems)
+        raise gpt2.misfit(Path(run_dir) / STATE, Path(run_dir) / CONFIG, problems)
 
 
 def restore(
@@ -403,9 +385,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     record = read_config(run_dir)
     tensors, iteration = _read_committed(run_dir, WEIGHTS)
     model = GPT(model_config(record))
-    problems = _shape_problems(_shapes(tensors), _shapes(weights_state_dict(model)))
+    problems = gpt2.shape_problems(
+        _shapes(tensors), _shapes(weights_state_dict(model)), "is not in the model"
+    )
     if problems:
-        raise _misfit(run_dir / WEIGHTS, run_dir / CONFIG, problems)
+        raise gpt2.misfit(run_dir / WEIGHTS, run_dir / CONFIG, problems)
     load_weights(model, tensors)
     tokenizer = saved_tokenizer(record.get("data", {}).get("tokenizer", {}), run_dir)
     train = TrainConfig.from_dict(record["train"])
