@@ -199,6 +199,54 @@ def test_larger_mha_matches_book_code_forward_and_gradients(engine):
         assert_close(p.grad, p64.grad, torch.float32, grad=True, msg=name)
 
 
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_stacked_qkv_projection_equals_three_projections(num_kv_heads, qkv_bias, monkeypatch):
+    """With gradients, q, k and v come from one matmul on the stacked weights: the same
+    outputs and gradients as the chapter's three projections (float64, both routes)."""
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(16, 32, 20, 0.0, 8, qkv_bias, num_kv_heads=num_kv_heads).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    g = torch.randn(2, 11, 32, dtype=torch.float64)
+    results = []
+    for stacked in (True, False):
+        if not stacked:  # every projection looks hooked: the three run apart
+            monkeypatch.setattr(selfattn.modules.causal_multihead, "_plain_linear", lambda m: False)
+        mha.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = mha(xi)
+        out.backward(g)
+        results.append((out, xi.grad, [p.grad for p in mha.parameters()]))
+    (out, dx, grads), (ref, ref_dx, ref_grads) = results
+    assert_close(out, ref, torch.float64)
+    assert_close(dx, ref_dx, torch.float64, grad=True)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert_close(grad, ref_grad, torch.float64, grad=True)
+
+
+def test_hooked_or_adapted_projections_are_called_not_bypassed():
+    """The stacked matmul is only for plain nn.Linear projections: a forward hook on one, or
+    an adapter subclass (LoRA-style) swapped in, still runs in training."""
+
+    class Adapter(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    torch.manual_seed(4)
+    mha = MultiHeadAttention(8, 8, 16, 0.0, 2)
+    x = torch.randn(1, 5, 8)
+    seen = []
+    mha.W_key.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    mha(x).sum().backward()
+    assert seen == [(1, 5, 8)]
+
+    plain = mha(x)
+    adapted = Adapter(8, 8, bias=False)
+    adapted.load_state_dict(mha.W_query.state_dict())
+    mha.W_query = adapted
+    assert not torch.allclose(mha(x), plain)  # the +1 reached the queries
+
+
 def test_dropout_on_in_training_off_in_eval():
     torch.manual_seed(1)
     mha = MultiHeadAttention(8, 8, 16, 0.5, 2)

@@ -193,6 +193,7 @@ def test_each_rank_draws_its_own_dropout_masks_not_one_process_s(tmp_path, monke
          "log-sum-exp; --backend sdpa cannot"),
         ({"WORLD_SIZE": "4"}, ["--batch-size", "3"], "--batch-size 3 must be divisible by the "
          "2 data-parallel replicas"),
+        ({"WORLD_SIZE": "2"}, ["--compile"], "--context-parallel does not run under --compile"),
     ],
 )  # fmt: skip
 def test_settings_context_parallelism_cannot_run_are_one_line_and_exit_2(

@@ -163,13 +163,13 @@ def test_two_processes_take_the_steps_of_one(tmp_path, capsys):
     assert (double / "model.safetensors").exists()
     # Resumed with another number of processes: the one-process run, continued by two, takes the
     # steps of its copy continued by one (the batches' stream and AdamW's state carry over; the
-    # dropout streams, here off, would be reseeded per rank from (seed, rank, iteration)).
+    # dropout streams, here off, would be reseeded per rank from (seed, rank, iteration)). The
+    # two run --compile (torch.compile of DDP's module): the same steps too.
     copy = shutil.copytree(single, tmp_path / "copy")
     assert main(["train", "--resume", str(copy), "--iters", "24", "--quiet"]) == 0
     capsys.readouterr()
-    ranks = launch(
-        ["-m", "selfattn"], ["train", "--resume", str(single), "--iters", "24", "--quiet"]
-    )
+    resume = ["train", "--resume", str(single), "--iters", "24", "--quiet", "--compile"]
+    ranks = launch(["-m", "selfattn"], resume)
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
     one, two = losses(copy), losses(single)
     assert [i for i, _, _ in two] == list(range(1, 25))

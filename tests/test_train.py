@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import SAME_MODEL_F32
 
 from selfattn.cli import main
 from selfattn.train import checkpoint, command, files
@@ -241,6 +242,24 @@ def test_resume_continues_up_to_more_iterations(finished, tmp_path, capsys):
     assert "done: 64 iterations" in capsys.readouterr().out
     assert [r["iter"] for r in metrics(run)][-5:] == [60, 61, 62, 63, 64]
     assert json.loads((run / "config.json").read_text())["train"]["iters"] == 64
+
+
+def test_compile_trains_the_same_losses_and_a_resume_may_leave_it_out(finished, tmp_path, capsys):
+    """--compile (torch.compile of the training steps; inductor's C++ on the CPU) is the same
+    maths: the tiny run's losses equal the eager run's to float32 rounding. It is saved, and a
+    resume may turn it off (the weights do not depend on it)."""
+    run = tmp_path / "compiled"
+    assert train(capsys, run, "--compile") == 0
+    assert json.loads((run / "config.json").read_text())["train"]["compile"] is True
+    eager, compiled = metrics(finished), metrics(run)
+    assert [r["iter"] for r in compiled] == [r["iter"] for r in eager]
+    for key in ("train_loss", "val_loss"):
+        got = torch.tensor([r[key] for r in compiled if key in r])
+        expected = torch.tensor([r[key] for r in eager if key in r])
+        torch.testing.assert_close(got, expected, **SAME_MODEL_F32)
+    assert main(["train", "--resume", str(run), "--iters", "64", "--no-compile", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["compile"] is False
+    assert [r["iter"] for r in metrics(run)][-2:] == [63, 64]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -53,14 +53,20 @@ _ACTIVE: ContextVar[_Store | None] = ContextVar("selfattn_recorder", default=Non
 
 
 def is_recording() -> bool:
-    return _ACTIVE.get() is not None
+    """Whether a `recording()` is active. Never inside code that ``torch.compile`` traces:
+    a compiled model records nothing (trace it eagerly), and tracing meets no context
+    variable, so the modules compile whole, without graph breaks."""
+    return not torch.compiler.is_compiling() and _ACTIVE.get() is not None
 
 
 def record(name: str, tensor: Tensor) -> None:
     """Keep ``tensor`` under ``name`` if a recording is active; otherwise do nothing.
 
-    ``name == "inputs"`` starts a new layer (outside a `one_layer()` block).
+    ``name == "inputs"`` starts a new layer (outside a `one_layer()` block). A no-op in
+    compiled code (see `is_recording`).
     """
+    if torch.compiler.is_compiling():
+        return
     store = _ACTIVE.get()
     if store is None:
         return

@@ -120,6 +120,18 @@ def _check_chapter_mask(mask: Tensor, context_length: int, key: str) -> None:
         )
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` is exactly ``F.linear(x, weight, bias)``: an ``nn.Linear``,
+    not a subclass, without forward hooks of its own or global ones."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
 def _check_length(length: int, context_length: int, module: str) -> None:
     if length > context_length:
         raise ValueError(
@@ -356,9 +368,7 @@ class MultiHeadAttention(_ChapterState):
         else:
             _check_length(length, self.context_length, name)
         record("inputs", x)
-        q = split_heads(self.W_query(x), self.num_heads)  # (..., L, d_in) -> (B, H, L, D)
-        k = split_heads(self.W_key(x), self.num_kv_heads)  # (B, Hkv, L, D)
-        v = split_heads(self.W_value(x), self.num_kv_heads)  # (B, Hkv, L, D)
+        q, k, v = self._project(x)  # (B, H, L, D), (B, Hkv, L, D), (B, Hkv, L, D)
         record("queries", q)
         if not use_cache:
             return self._attend(x, q, k, v, self._padding(padding_mask, q.shape[0], length))
@@ -366,6 +376,34 @@ class MultiHeadAttention(_ChapterState):
         mask = self._padding(padding_mask, q.shape[0], self.cache_len + length)
         with self._cache_transaction(k, v) as (k, v):  # (B, Hkv, cache_len + L, D)
             return self._attend(x, q, k, v, mask)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., L, d_in) -> q (B, H, L, D), k and v (B, Hkv, L, D).
+
+        The chapter's three projections. When gradients flow (training), they run as one
+        matmul on the three weights stacked, ``[W_query; W_key; W_value]``: the same maths and
+        the same parameters (names, state_dict, initialisation), but one (d_in, d_out + 2 kv)
+        product and one gradient matmul instead of three, and backward no longer copies each
+        head-split gradient back apart (about 2% of a shakespeare-char iteration, see
+        docs/bench/train.txt). Without gradients (evaluation, decoding one token) stacking
+        would copy the weights at every call for nothing, so the three run separately; so do
+        projections that are not plain ``nn.Linear`` or that carry hooks (an adapter such as
+        LoRA swapped in for ``W_query`` must be called, not bypassed).
+        """
+        projections = (self.W_query, self.W_key, self.W_value)
+        if torch.is_grad_enabled() and all(map(_plain_linear, projections)):
+            weight = torch.cat([w.weight for w in projections])  # (d_out + 2 kv, d_in)
+            bias = None if self.W_query.bias is None else torch.cat([w.bias for w in projections])
+            qkv = nn.functional.linear(x, weight, bias)  # (..., L, d_out + 2 kv)
+            kv_out = self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split((self.d_out, kv_out, kv_out), dim=-1)
+        else:
+            q, k, v = (w(x) for w in projections)  # (..., L, d_out), (..., L, kv) x 2
+        return (
+            split_heads(q, self.num_heads),  # (..., L, d_out) -> (B, H, L, D)
+            split_heads(k, self.num_kv_heads),  # (B, Hkv, L, D)
+            split_heads(v, self.num_kv_heads),  # (B, Hkv, L, D)
+        )
 
     def _attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q (B, H, L, D) attends to k, v (B, Hkv, S, D); heads merged and projected."""

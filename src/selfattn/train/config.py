@@ -49,6 +49,7 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 1337
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    compile: bool = False  # torch.compile the training forward and backward (see docs/training)
 
     def __post_init__(self) -> None:
         """Every number held to the check its flag uses (`selfattn._checks`: the same values
@@ -75,6 +76,8 @@ class TrainConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.tokenizer not in ("char", "bpe"):
@@ -140,5 +143,6 @@ RESUMABLE = frozenset(
         "device",
         "threads",
         "backend",
-    }  # every engine computes the same function: the weights do not depend on it
+        "compile",
+    }  # every engine computes the same function, compiled or not: the weights do not depend on it
 )

@@ -119,6 +119,11 @@ def check_context_parallel(cfg: TrainConfig, c: int, world_size: int | None) -> 
             f"--batch-size {cfg.batch_size} must be divisible by the {data} data-parallel "
             f"replicas ({world_size} processes / --context-parallel {c})"
         )
+    if cfg.compile:
+        raise ValueError(
+            "--context-parallel does not run under --compile: ring attention's send and "
+            "receive between ranks are not something torch.compile traces; leave --compile out"
+        )
     if cfg.data == "induction":
         raise ValueError(
             "--context-parallel does not run the induction task: its scores read each head's "

@@ -265,6 +265,8 @@ class _Loop:
         self.it = _restore(run, self.optimizer, self.names) if run.state is not None else 0
         self.saved_at = self.it if run.state is not None else None  # the last good checkpoint
         self.net = dist.wrap(run.model)  # what the loop calls (DDP under torchrun)
+        if self.cfg.compile:  # the training steps only: evaluation and samples run eagerly
+            self.net = torch.compile(self.net)
         self.records = list(run.history)
         self.plot = dist.is_main and have_matplotlib()
         self.t0, self.speed = time.perf_counter(), None
