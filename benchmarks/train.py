@@ -2,7 +2,7 @@
 
     python benchmarks/train.py --out docs/bench/train.txt --png docs/bench/train.png
     python benchmarks/train.py --quick                 # a smoke test, in seconds
-    python benchmarks/train.py --whole --out docs/bench/train_whole.txt   # whole commands
+    python benchmarks/train.py --whole --compile --rounds 2 --out docs/bench/train_whole.txt
 
 ``--whole`` times two whole commands instead, each in a fresh process from start to exit, one
 after the other (``--rounds`` times, alternating; medians): ``selfattn train --preset
@@ -11,6 +11,10 @@ checkpoints: everything a user waits for) and ``benchmarks/nanogpt_style.py``, n
 ``train.py`` on its CPU recipe for the same model (its data prepared before the clock starts,
 as nanoGPT's ``prepare.py`` runs apart). Target: selfattn's wall time <= 0.9x nanoGPT-style's,
 at an equal or lower final validation loss (each over its own 20 evaluation batches).
+``--whole --compile`` adds ``selfattn train ... --compile`` twice per round: with inductor's
+compiled-code cache empty (cold: the first compiled run on a machine) and then kept (warm), and
+reads from each run's metrics.jsonl how long its first iteration took (the compilation) and its
+median later iteration, so the report says after how many iterations --compile pays.
 
 The recipe is the ``shakespeare-char`` preset (4 layers, 4 heads, emb 128, context 64, batch 12,
 2000 iterations, AdamW 1e-3 with warm-up and cosine decay, clipping 1.0, fp32, dropout 0) for
@@ -38,6 +42,8 @@ missed.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import statistics
 import sys
 import time
@@ -197,6 +203,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--whole", action="store_true", help="time the whole commands (see above)")
     p.add_argument("--rounds", type=int, default=1, help="--whole: runs of each, alternating")
+    p.add_argument("--compile", action="store_true",
+                   help="--whole: also time selfattn train --compile (torch.compile)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smoke test: 40 iterations, no targets")
     p.add_argument("--iters", type=int, default=None, help="default: the preset's 2000")
     p.add_argument("--chunk", type=int, default=50, help="iterations per round-robin turn")
@@ -344,6 +352,8 @@ def draw(path: Path, contenders: list[Contender]) -> None:
 # ------------------------------------------------------------------------ the whole commands
 
 TARGET_WHOLE = 0.90  # selfattn's whole command / the nanoGPT-style script's, wall time
+COLD = "selfattn --compile, cold"  # inductor's cache empty: the first compiled run on a machine
+WARM = "selfattn --compile, warm"  # a second run: the compiled kernels come from the cache
 
 
 def whole_commands(args) -> int:
@@ -355,32 +365,43 @@ def whole_commands(args) -> int:
     from nanogpt_style import prepare  # beside this file
 
     iters = 40 if args.quick else (args.iters or PRESETS["shakespeare-char"].config.iters)
-    walls: dict[str, list[float]] = {"selfattn": [], "nanogpt-style": []}
-    losses: dict[str, list[float]] = {"selfattn": [], "nanogpt-style": []}
+    compiled = [COLD, WARM] if args.compile else []
+    names = ["selfattn", "nanogpt-style", *compiled]
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, list[float]] = {name: [] for name in names}
+    steps: dict[str, list[tuple[float, float]]] = {name: [] for name in names if "selfattn" in name}
     load_before = machine.load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepare(read_corpus(None).text, tmp / "data")  # not timed: nanoGPT's prepare.py
         for r in range(args.rounds):
+            selfattn = [sys.executable, "-m", "selfattn", "train", "--preset", "shakespeare-char",
+                        "--quiet", "--iters", str(iters)]  # fmt: skip
             runs = {
-                "selfattn": [sys.executable, "-m", "selfattn", "train", "--preset",
-                             "shakespeare-char", "--quiet", "--iters", str(iters),
-                             "--out", str(tmp / f"run{r}")],
+                "selfattn": [*selfattn, "--out", str(tmp / f"run{r}")],
                 "nanogpt-style": [sys.executable, str(Path(__file__).with_name("nanogpt_style.py")),
                                   "--data", str(tmp / "data"), "--out", str(tmp / f"ng{r}"),
                                   "--iters", str(iters)],
+                COLD: [*selfattn, "--compile", "--out", str(tmp / f"cold{r}")],
+                WARM: [*selfattn, "--compile", "--out", str(tmp / f"warm{r}")],
             }  # fmt: skip
-            for name, cmd in runs.items():
+            # inductor's compiled-code cache: new for each round's first compiled run (cold),
+            # kept for its second (warm), as a user's second run on one machine finds it
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / f"inductor{r}"))
+            for name in names:
                 start = time.perf_counter()
-                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                done = subprocess.run(runs[name], capture_output=True, text=True, check=True,
+                                      env=env)  # fmt: skip
                 walls[name].append(time.perf_counter() - start)
-                if name == "selfattn":
-                    records = (tmp / f"run{r}" / "metrics.jsonl").read_text().splitlines()
-                    losses[name].append(json.loads(records[-1])["val_loss"])
+                if name in steps:
+                    records = [json.loads(line) for line in (Path(runs[name][-1]) /
+                               "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+                    losses[name].append(records[-1]["val_loss"])
+                    steps[name].append(step_times(records))
                 else:
                     losses[name].append(float(done.stdout.split()[-1]))
                 print(f"round {r + 1} {name}: {walls[name][-1]:.1f} s", file=sys.stderr)
-    text = whole_report(args, iters, walls, losses, load_before)
+    text = whole_report(args, iters, walls, losses, steps, load_before)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -388,7 +409,16 @@ def whole_commands(args) -> int:
     return 0 if args.quick or "MISSED" not in text else 1
 
 
-def whole_report(args, iters, walls, losses, load_before) -> str:
+def step_times(records: list[dict]) -> tuple[float, float]:
+    """(seconds to the end of the first iteration, median seconds per later iteration that
+    ends without an evaluation), from a run's metrics.jsonl: elapsed_s is counted from the
+    start of the loop, so the first covers torch.compile's compilation when there is one."""
+    pairs = itertools.pairwise(records)  # an evaluation runs after its record
+    plain = [b["elapsed_s"] - a["elapsed_s"] for a, b in pairs if "val_loss" not in a]
+    return records[0]["elapsed_s"], statistics.median(plain)
+
+
+def whole_report(args, iters, walls, losses, steps, load_before) -> str:
     med = {name: statistics.median(w) for name, w in walls.items()}
     ratio = med["selfattn"] / med["nanogpt-style"]
     lines = [
@@ -397,13 +427,31 @@ def whole_report(args, iters, walls, losses, load_before) -> str:
         f"load average before: {load_before}; after: {machine.load_average()}",
         f"{iters} iterations each, {args.rounds} round(s), alternating, medians",
         "",
-        "contender      wall s (median)  runs                        final val loss",
+        "contender                  wall s (median)  runs                        final val loss",
     ]
     for name, w in walls.items():
         runs = ", ".join(f"{x:.1f}" for x in w)
         vals = ", ".join(f"{x:.4f}" for x in losses[name])
-        lines.append(f"{name:<14} {med[name]:15.1f}  {runs:<27} {vals}")
+        lines.append(f"{name:<26} {med[name]:15.1f}  {runs:<27} {vals}")
     lines += ["", f"wall time, selfattn / nanoGPT-style: {ratio:.3f}"]
+    if COLD in med:
+        first = {name: statistics.median(s[0] for s in runs) for name, runs in steps.items()}
+        step = {name: statistics.median(s[1] for s in runs) for name, runs in steps.items()}
+        lines += [
+            *(f"wall time, {name} / nanoGPT-style: {med[name] / med['nanogpt-style']:.3f}"
+              for name in (COLD, WARM)),
+            "",
+            "from metrics.jsonl          first iteration s  later iterations ms (median)",
+            *(f"{name:<27} {first[name]:17.2f}  {step[name] * 1e3:28.2f}" for name in steps),
+        ]  # fmt: skip
+        for name in (COLD, WARM):
+            saved = step["selfattn"] - step[name]
+            cost = first[name] - first["selfattn"]
+            pays = f"it pays after about {cost / saved:,.0f} iterations" if saved > 0 else "never"
+            lines.append(
+                f"{name}: {cost:.1f} s to compile, {step[name] / step['selfattn']:.2f}x the "
+                f"time per iteration: {pays}"
+            )
     if args.quick or iters != PRESETS["shakespeare-char"].config.iters:
         lines.append("targets not judged: not the full recipe")
     else:
