@@ -138,7 +138,7 @@ def test_stream_decodes_from_the_cache_then_refeeds_once_the_context_slides(monk
     forward = model.forward
 
     def spy(idx, use_cache=False):
-        fed.append((model.cache_len, idx.shape[1]))
+        fed.append((model.cache_len, idx.shape[1], use_cache))
         logits = forward(idx, use_cache=use_cache)
         seen.append(logits[:, -1])  # (B, V)
         return logits
@@ -146,7 +146,8 @@ def test_stream_decodes_from_the_cache_then_refeeds_once_the_context_slides(monk
     monkeypatch.setattr(model, "forward", spy)
     idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(5))
     out = model.generate(idx, 9, temperature=0.0)  # 19 tokens: two steps past the context
-    assert fed == [(0, 10)] + [(t, 1) for t in range(10, 16)] + [(0, 16)] * 2
+    # the prompt, six tokens from the cache, then (slid) the last 16 without it
+    assert fed == [(0, 10, True)] + [(t, 1, True) for t in range(10, 16)] + [(0, 16, False)] * 2
     monkeypatch.undo()
     with torch.no_grad():
         for step, logits in enumerate(seen):

@@ -301,7 +301,7 @@ class GPT(nn.Module):
         ``generate_text_simple`` does. With ``use_cache`` (the default) the prompt is fed once
         and then one token per step; once the sequence outgrows ``context_length``, the window
         slides and every position changes, so each further step re-feeds the last
-        ``context_length`` tokens from an empty cache (a sliding recompute): the tokens are
+        ``context_length`` tokens without the cache (a sliding recompute): the tokens are
         the same as without the cache, only slower past the context.
 
         temperature: 0 picks the most likely token (greedy); otherwise logits / temperature
@@ -328,13 +328,15 @@ class GPT(nn.Module):
         n = self.config.context_length
         try:
             for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(idx[:, -n:])
-                elif self.cache_len > 0 and self.cache_len < n:  # cache the latest token only
-                    logits = self(idx[:, -1:], use_cache=True)
-                else:  # the prompt, or a window that has slid: fill the cache afresh
+                if not use_cache or idx.shape[1] > n:
+                    # without the cache, or a window that has slid (every position changed, so
+                    # nothing cached holds): the last n tokens, afresh
                     self.reset_cache()
-                    logits = self(idx[:, -n:], use_cache=True)
+                    logits = self(idx[:, -n:])
+                elif self.cache_len > 0:  # cache the latest token only
+                    logits = self(idx[:, -1:], use_cache=True)
+                else:  # the prompt
+                    logits = self(idx, use_cache=True)
                 next_id = _pick(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
                 idx = torch.cat((idx, next_id), dim=1)
                 yield next_id

@@ -391,9 +391,11 @@ class MultiHeadAttention(_ChapterState):
         LoRA swapped in for ``W_query`` must be called, not bypassed).
         """
         projections = (self.W_query, self.W_key, self.W_value)
-        if torch.is_grad_enabled() and all(map(_plain_linear, projections)):
+        biases = [w.bias for w in projections]
+        stack = torch.is_grad_enabled() and all(map(_plain_linear, projections))
+        if stack and len({b is None for b in biases}) == 1:  # all three biased, or none
             weight = torch.cat([w.weight for w in projections])  # (d_out + 2 kv, d_in)
-            bias = None if self.W_query.bias is None else torch.cat([w.bias for w in projections])
+            bias = None if biases[0] is None else torch.cat(biases)  # (d_out + 2 kv,)
             qkv = nn.functional.linear(x, weight, bias)  # (..., L, d_out + 2 kv)
             kv_out = self.num_kv_heads * self.head_dim
             q, k, v = qkv.split((self.d_out, kv_out, kv_out), dim=-1)

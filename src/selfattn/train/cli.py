@@ -81,8 +81,8 @@ def add_train_parsers(subparsers) -> None:
     add("--device", choices=("cpu", "cuda"), default=argparse.SUPPRESS, help="default: cpu")
     add("--dtype", choices=("float32", "bfloat16"), default=argparse.SUPPRESS, help="autocast")
     add("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-        help="torch.compile the training steps: tens of seconds first, then faster steps "
-        "(on a 2-core CPU it pays after about 10,000 iterations; see docs/training.md)")  # fmt: skip
+        help="torch.compile the training steps: the first iteration compiles (seconds to "
+        "a minute), later ones run faster; see docs/training.md")  # fmt: skip
     add("--attn-only", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
         help="blocks of attention alone, no feed-forward (the induction preset's)")  # fmt: skip
     add("--out", metavar="DIR", help="the run's folder (default: runs/<preset>)")
