@@ -237,8 +237,9 @@ def test_hooked_or_adapted_projections_are_called_not_bypassed():
     x = torch.randn(1, 5, 8)
     seen = []
     mha.W_key.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    mha.W_value.register_full_backward_hook(lambda module, g_in, g_out: seen.append("backward"))
     mha(x).sum().backward()
-    assert seen == [(1, 5, 8)]
+    assert seen == [(1, 5, 8), "backward"]
 
     plain = mha(x)
     adapted = Adapter(8, 8, bias=False)

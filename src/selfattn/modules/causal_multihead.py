@@ -122,13 +122,20 @@ def _check_chapter_mask(mask: Tensor, context_length: int, key: str) -> None:
 
 def _plain_linear(module: nn.Module) -> bool:
     """Whether calling ``module`` is exactly ``F.linear(x, weight, bias)``: an ``nn.Linear``,
-    not a subclass, without forward hooks of its own or global ones."""
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not nn.modules.module._global_forward_hooks
-        and not nn.modules.module._global_forward_pre_hooks
+    not a subclass, with no hook of its own or global one (forward or backward) that a call
+    would run."""
+    hooks = nn.modules.module
+    return type(module) is nn.Linear and not any(
+        (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            module._backward_pre_hooks,
+            hooks._global_forward_hooks,
+            hooks._global_forward_pre_hooks,
+            hooks._global_backward_hooks,
+            hooks._global_backward_pre_hooks,
+        )
     )
 
 
