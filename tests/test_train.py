@@ -262,6 +262,23 @@ def test_compile_trains_the_same_losses_and_a_resume_may_leave_it_out(finished, 
     assert [r["iter"] for r in metrics(run)][-2:] == [63, 64]
 
 
+def test_compile_without_a_cpp_compiler_is_one_line_that_says_to_leave_it_out(tmp_path):
+    """Inductor needs a C++ compiler on the CPU: without one the first iteration fails in one
+    line (exit 1) that names the cause and the way out; nothing was trained, so the same
+    command without --compile starts the run."""
+    env = dict(os.environ, CXX="/bin/false", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "selfattn", *TINY, "--out", str(out), "--compile"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    prefix = "selfattn train: error: CompileFailed: --compile failed at iteration 1 "
+    assert lines[0].startswith(prefix), lines[0]
+    assert "C++ compiler" in lines[0] and "leave --compile out" in lines[0]
+    assert main([*TINY, "--out", str(out), "--iters", "2", "--eval-every", "2"]) == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, sig):
     out = tmp_path / "run"

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfattn._errors import first_line
 from selfattn._seeds import mixed_seed
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
@@ -120,6 +121,10 @@ class Result:
 
 class Diverged(RuntimeError):
     """A loss became NaN or infinite: the run stops, and no checkpoint of it is written."""
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not compile the training step (say, no C++ compiler on the CPU)."""
 
 
 class StopRequest:
@@ -212,6 +217,13 @@ class _Worker:
         if finished:  # let it end while the interpreter is whole, not in its teardown
             self.thread.join()
         return finished
+
+
+def _compile_error(err: RuntimeError) -> bool:
+    """Whether ``err`` comes from torch.compile (no C++ compiler, an inductor failure...)."""
+    from torch._dynamo.exc import TorchDynamoException  # loaded already: --compile ran
+
+    return isinstance(err, TorchDynamoException)
 
 
 def dropout_seed(seed: int, rank: int, iteration: int) -> int:
@@ -338,6 +350,13 @@ class _Loop:
             loss = self.worker.run(lambda: self.forward_backward(x, y))
         except _Stopped:
             self.run.batches.load_state(before)  # the dropped iteration never drew its batch
+            raise
+        except RuntimeError as err:
+            if cfg.compile and _compile_error(err):
+                raise CompileFailed(
+                    f"--compile failed at iteration {it + 1} ({first_line(err, kind=True)}); "
+                    "the run trains the same without it: leave --compile out"
+                ) from err
             raise
         tokens_per_s = cfg.batch_size * cfg.block_size / (time.perf_counter() - t_step)
         self.speed = tokens_per_s if self.speed is None else 0.9 * self.speed + 0.1 * tokens_per_s
