@@ -234,7 +234,7 @@ def test_hooked_or_adapted_projections_are_called_not_bypassed():
 
     torch.manual_seed(4)
     mha = MultiHeadAttention(8, 8, 16, 0.0, 2)
-    x = torch.randn(1, 5, 8)
+    x = torch.randn(1, 5, 8, requires_grad=True)
     seen = []
     mha.W_key.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     mha.W_value.register_full_backward_hook(lambda module, g_in, g_out: seen.append("backward"))
