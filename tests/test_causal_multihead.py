@@ -211,7 +211,7 @@ def test_stacked_qkv_projection_equals_three_projections(num_kv_heads, qkv_bias,
     results = []
     for stacked in (True, False):
         if not stacked:  # every projection looks hooked: the three run apart
-            monkeypatch.setattr(selfattn.modules.causal_multihead, "_plain_linear", lambda m: False)
+            monkeypatch.setattr(selfattn.modules.causal_multihead, "_stackable", lambda ms: False)
         mha.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         out = mha(xi)

@@ -120,22 +120,22 @@ def _check_chapter_mask(mask: Tensor, context_length: int, key: str) -> None:
         )
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """Whether calling ``module`` is exactly ``F.linear(x, weight, bias)``: an ``nn.Linear``,
-    not a subclass, with no hook of its own or global one (forward or backward) that a call
-    would run."""
+def _stackable(projections: tuple[nn.Module, ...]) -> bool:
+    """Whether calling each of ``projections`` is exactly ``F.linear(x, weight, bias)``, so
+    they can run as one matmul on their stacked weights: plain ``nn.Linear`` (no subclass),
+    all biased or none, and no hook, theirs or global, forward or backward, that a call would
+    run."""
     hooks = nn.modules.module
-    return type(module) is nn.Linear and not any(
-        (
-            module._forward_hooks,
-            module._forward_pre_hooks,
-            module._backward_hooks,
-            module._backward_pre_hooks,
-            hooks._global_forward_hooks,
-            hooks._global_forward_pre_hooks,
-            hooks._global_backward_hooks,
-            hooks._global_backward_pre_hooks,
-        )
+    if any((hooks._global_forward_hooks, hooks._global_forward_pre_hooks,
+            hooks._global_backward_hooks, hooks._global_backward_pre_hooks)):  # fmt: skip
+        return False
+    if len({m.bias is None for m in projections}) != 1:
+        return False
+    return all(
+        type(m) is nn.Linear
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and not (m._backward_hooks or m._backward_pre_hooks)
+        for m in projections
     )
 
 
@@ -398,11 +398,10 @@ class MultiHeadAttention(_ChapterState):
         LoRA swapped in for ``W_query`` must be called, not bypassed).
         """
         projections = (self.W_query, self.W_key, self.W_value)
-        biases = [w.bias for w in projections]
-        stack = torch.is_grad_enabled() and all(map(_plain_linear, projections))
-        if stack and len({b is None for b in biases}) == 1:  # all three biased, or none
+        if torch.is_grad_enabled() and _stackable(projections):
             weight = torch.cat([w.weight for w in projections])  # (d_out + 2 kv, d_in)
-            bias = None if biases[0] is None else torch.cat(biases)  # (d_out + 2 kv,)
+            biased = self.W_query.bias is not None
+            bias = torch.cat([w.bias for w in projections]) if biased else None  # (d_out + 2 kv,)
             qkv = nn.functional.linear(x, weight, bias)  # (..., L, d_out + 2 kv)
             kv_out = self.num_kv_heads * self.head_dim
             q, k, v = qkv.split((self.d_out, kv_out, kv_out), dim=-1)
