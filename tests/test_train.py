@@ -33,7 +33,7 @@ from selfattn.train.data import (
     encode_splits,
     read_corpus,
 )
-from selfattn.train.loop import Hooks
+from selfattn.train.loop import Hooks, clip_gradients
 from selfattn.train.schedule import learning_rate
 
 TINY = ["train", "--preset", "tiny", "--quiet", "--threads", "1"]
@@ -96,6 +96,22 @@ def test_learning_rate_warms_up_decays_by_a_cosine_then_stays_at_the_floor():
     decay = [learning_rate(i, **kw) for i in range(100, 2001)]
     assert all(a >= b for a, b in itertools.pairwise(decay))
     assert learning_rate(0, lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=0) == 1.0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0, float("nan")], ids=["within", "above", "nan"])
+def test_clip_gradients_equals_torchs_clipping_to_the_bit(scale):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in [(5, 3), (7,), (2, 2, 2)]]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn_like(a) * scale
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    clip_gradients(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    for a, b, g in zip(ours, theirs, before, strict=True):
+        assert torch.equal(a.grad, b.grad) or (a.grad.isnan().all() and b.grad.isnan().all())
+        assert torch.equal(a.grad, g) == (scale == 1e-3)  # only a norm within 1.0 is left alone
 
 
 def test_the_built_in_corpus_and_its_character_vocabulary():

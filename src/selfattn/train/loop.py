@@ -231,6 +231,17 @@ def dropout_seed(seed: int, rank: int, iteration: int) -> int:
     return mixed_seed(seed, _DROPOUT, rank, iteration)
 
 
+def clip_gradients(parameters, max_norm: float) -> None:
+    """`nn.utils.clip_grad_norm_`, to the bit, without its multiplication of every gradient by
+    1.0 when their norm is within ``max_norm`` (torch always multiplies, to spare a GPU a sync;
+    the loop syncs on each iteration's loss anyway): the multiplication is about 0.7 ms of a
+    shakespeare-char iteration on 2 CPU cores, and the norm is within 1.0 in most of them."""
+    params = [p for p in parameters if p.grad is not None]
+    total = nn.utils.get_total_norm([p.grad for p in params])  # () float
+    if not max_norm / (total + 1e-6) >= 1.0:  # torch's coefficient; a NaN norm clips, as torch
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def eval_generator(cfg: TrainConfig, iteration: int, device="cpu") -> torch.Generator:
     """The random source of the evaluation after ``iteration``: seeded by (seed, iteration)."""
     return torch.Generator(device).manual_seed(mixed_seed(cfg.seed, iteration))
@@ -370,7 +381,7 @@ class _Loop:
     def step(self) -> None:
         """(In the worker, whole.) Clip the gradients, and the only change to the weights."""
         if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.run.model.parameters(), self.cfg.grad_clip)
+            clip_gradients(self.run.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
 
     def forward_backward(self, x: Tensor, y: Tensor) -> float:

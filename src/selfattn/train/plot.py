@@ -31,6 +31,9 @@ def plot_losses(path: Path, metrics: list[dict], title: str) -> None:
     steps = [(m["iter"], m["train_loss"]) for m in metrics if m.get("train_loss") is not None]
     evals = [(m["iter"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     fig = Figure(figsize=(7, 4), dpi=110)
+    # fixed margins that fit the labels at this size: tight_layout would draw the figure an
+    # extra time to measure them (about 40% of each redraw)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.92)
     ax = fig.add_subplot()
     if steps:
         ax.plot(*zip(*steps, strict=True), lw=0.8, alpha=0.7, label="train (batch)")
@@ -41,7 +44,6 @@ def plot_losses(path: Path, metrics: list[dict], title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
