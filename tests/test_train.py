@@ -33,7 +33,7 @@ from selfattn.train.data import (
     encode_splits,
     read_corpus,
 )
-from selfattn.train.loop import Hooks, clip_gradients
+from selfattn.train.loop import Hooks, clip_gradients, seed_dropout
 from selfattn.train.schedule import learning_rate
 
 TINY = ["train", "--preset", "tiny", "--quiet", "--threads", "1"]
@@ -112,6 +112,14 @@ def test_clip_gradients_equals_torchs_clipping_to_the_bit(scale):
     for a, b, g in zip(ours, theirs, before, strict=True):
         assert torch.equal(a.grad, b.grad) or (a.grad.isnan().all() and b.grad.isnan().all())
         assert torch.equal(a.grad, g) == (scale == 1e-3)  # only a norm within 1.0 is left alone
+
+
+def test_seed_dropout_draws_what_torch_manual_seed_draws():
+    torch.manual_seed(5)
+    expected = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    torch.manual_seed(6)  # somewhere else
+    seed_dropout(5)
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(64), 0.5), expected)
 
 
 def test_the_built_in_corpus_and_its_character_vocabulary():
