@@ -9,7 +9,8 @@ after the other (``--rounds`` times, alternating; medians): ``selfattn train --p
 shakespeare-char`` (start-up, data, training, evaluations, samples, plots, probes,
 checkpoints: everything a user waits for) and ``benchmarks/nanogpt_style.py``, nanoGPT's
 ``train.py`` on its CPU recipe for the same model (its data prepared before the clock starts,
-as nanoGPT's ``prepare.py`` runs apart). Target: selfattn's wall time <= 0.9x nanoGPT-style's,
+as nanoGPT's ``prepare.py`` runs apart), and ``selfattn train ... --sample-tokens 0`` (what the
+sample written at each evaluation costs). Target: selfattn's wall time <= 0.9x nanoGPT-style's,
 at an equal or lower final validation loss (each over its own 20 evaluation batches).
 ``--whole --compile`` adds ``selfattn train ... --compile`` twice per round: with inductor's
 compiled-code cache empty (cold: the first compiled run on a machine) and then kept (warm), and
@@ -354,6 +355,7 @@ def draw(path: Path, contenders: list[Contender]) -> None:
 TARGET_WHOLE = 0.90  # selfattn's whole command / the nanoGPT-style script's, wall time
 COLD = "selfattn --compile, cold"  # inductor's cache empty: the first compiled run on a machine
 WARM = "selfattn --compile, warm"  # a second run: the compiled kernels come from the cache
+NO_SAMPLES = "selfattn --sample-tokens 0"  # what the samples at each evaluation cost
 
 
 def whole_commands(args) -> int:
@@ -366,7 +368,7 @@ def whole_commands(args) -> int:
 
     iters = 40 if args.quick else (args.iters or PRESETS["shakespeare-char"].config.iters)
     compiled = [COLD, WARM] if args.compile else []
-    names = ["selfattn", "nanogpt-style", *compiled]
+    names = ["selfattn", "nanogpt-style", NO_SAMPLES, *compiled]
     walls: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, list[float]] = {name: [] for name in names}
     steps: dict[str, list[tuple[float, float]]] = {name: [] for name in names if "selfattn" in name}
@@ -382,6 +384,7 @@ def whole_commands(args) -> int:
                 "nanogpt-style": [sys.executable, str(Path(__file__).with_name("nanogpt_style.py")),
                                   "--data", str(tmp / "data"), "--out", str(tmp / f"ng{r}"),
                                   "--iters", str(iters)],
+                NO_SAMPLES: [*selfattn, "--sample-tokens", "0", "--out", str(tmp / f"plain{r}")],
                 COLD: [*selfattn, "--compile", "--out", str(tmp / f"cold{r}")],
                 WARM: [*selfattn, "--compile", "--out", str(tmp / f"warm{r}")],
             }  # fmt: skip
@@ -433,7 +436,12 @@ def whole_report(args, iters, walls, losses, steps, load_before) -> str:
         runs = ", ".join(f"{x:.1f}" for x in w)
         vals = ", ".join(f"{x:.4f}" for x in losses[name])
         lines.append(f"{name:<26} {med[name]:15.1f}  {runs:<27} {vals}")
-    lines += ["", f"wall time, selfattn / nanoGPT-style: {ratio:.3f}"]
+    lines += [
+        "",
+        f"wall time, selfattn / nanoGPT-style: {ratio:.3f}",
+        f"wall time, {NO_SAMPLES} / nanoGPT-style: {med[NO_SAMPLES] / med['nanogpt-style']:.3f}"
+        f" (the samples at the evaluations: {med['selfattn'] - med[NO_SAMPLES]:.1f} s)",
+    ]
     if COLD in med:
         first = {name: statistics.median(s[0] for s in runs) for name, runs in steps.items()}
         step = {name: statistics.median(s[1] for s in runs) for name, runs in steps.items()}
