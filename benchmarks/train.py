@@ -2,7 +2,8 @@
 
     python benchmarks/train.py --out docs/bench/train.txt --png docs/bench/train.png
     python benchmarks/train.py --quick                 # a smoke test, in seconds
-    python benchmarks/train.py --whole --compile --rounds 2 --out docs/bench/train_whole.txt
+    python benchmarks/train.py --whole --rounds 4 --out docs/bench/train_whole.txt
+    python benchmarks/train.py --whole --compile --rounds 2 --out docs/bench/train_whole_compile.txt
 
 ``--whole`` times two whole commands instead, each in a fresh process from start to exit, one
 after the other (``--rounds`` times, alternating; medians): ``selfattn train --preset
@@ -441,6 +442,15 @@ def whole_report(args, iters, walls, losses, steps, load_before) -> str:
         f"wall time, selfattn / nanoGPT-style: {ratio:.3f}",
         f"wall time, {NO_SAMPLES} / nanoGPT-style: {med[NO_SAMPLES] / med['nanogpt-style']:.3f}"
         f" (the samples at the evaluations: {med['selfattn'] - med[NO_SAMPLES]:.1f} s)",
+        "each round's selfattn / nanoGPT-style (the runs side by side): "
+        + ", ".join(
+            f"{a / b:.3f}" for a, b in zip(walls["selfattn"], walls["nanogpt-style"], strict=True)
+        ),
+        "the machine's drift, each run's median iteration (ms, its metrics.jsonl): "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{s[1] * 1e3:.1f}" for s in runs)
+            for name, runs in steps.items()
+        ),
     ]
     if COLD in med:
         first = {name: statistics.median(s[0] for s in runs) for name, runs in steps.items()}
