@@ -34,11 +34,11 @@ import torch
 
 from selfattn import _atomic
 from selfattn.explain.html import fill_page, fill_view
+from selfattn.metrics_file import METRICS, read_metrics
 from selfattn.probe_file import Probes, read_probes
 
 FORMED_AT = 0.5  # an induction head: over half of its attention on the token after the earlier one
 MAX_CELLS = 6_000_000  # bytes of weights a page holds (8 MB once in base64)
-_METRICS = "metrics.jsonl"
 _CONFIG = "config.json"
 
 
@@ -47,7 +47,7 @@ def timeline_data(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     A ValueError naming what was expected when the folder holds no probes."""
     folder = Path(run_dir)
     probes = read_probes(folder)
-    records = _records(folder / _METRICS)
+    records = read_metrics(folder / METRICS)
     formed = _formed(probes)
     keep, note = _kept(probes, formed)
     _, layers, heads, t, _ = probes.attention.shape
@@ -71,21 +71,6 @@ def timeline_data(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "formed_at": FORMED_AT,
         "note": note,
     }
-
-
-def _records(path: Path) -> list[dict]:
-    """metrics.jsonl's records (none when it is missing; a line cut short by a kill skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("iter"), int):
-            records.append(record)
-    return records
 
 
 def _preset(path: Path) -> str:

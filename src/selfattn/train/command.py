@@ -20,6 +20,7 @@ import torch
 
 from selfattn._argtypes import warn_if_more_threads_than_cores
 from selfattn._checks import check_device as _check_device
+from selfattn.metrics_file import METRICS, read_metrics
 from selfattn.models.gpt import GPT
 from selfattn.probe_file import Probes
 from selfattn.train import checkpoint
@@ -38,7 +39,6 @@ from selfattn.train.files import remove_stale
 from selfattn.train.induction import InductionBatches, induction_metrics, induction_tokenizer
 from selfattn.train.loop import (
     LOSS_PNG,
-    METRICS,
     SAMPLES,
     SCORES_PNG,
     Diverged,
@@ -387,7 +387,7 @@ def resume_run(req: TrainRequest, dist: DataParallel) -> Run:
         )
     cfg = _resumed_config(req, out, record)
     state = checkpoint.load_state(out)
-    history = _history(out / METRICS, state.iteration)
+    history = [r for r in read_metrics(out / METRICS) if r["iter"] <= state.iteration]
     if state.iteration >= cfg.iters and not _evaluation_pending(history, state.iteration):
         raise ValueError(
             f"the run in {out} has done {state.iteration} of {cfg.iters} iterations: pass "
@@ -470,20 +470,6 @@ def _same_text(text_file: str | None, sha256: str | None, out: Path):
     if corpus.sha256 != sha256:
         raise ValueError(f"the text of the run in {out} ({corpus.source}) changed since it started")
     return corpus
-
-
-def _history(path: Path, iteration: int) -> list[dict]:
-    """metrics.jsonl's records up to ``iteration`` (later ones were not checkpointed)."""
-    records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            if isinstance(record, dict) and record.get("iter", iteration + 1) <= iteration:
-                records.append(record)
-    return records
 
 
 # --- generate -----------------------------------------------------------------------------------

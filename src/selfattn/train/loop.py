@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from selfattn._errors import first_line
 from selfattn._seeds import mixed_seed
+from selfattn.metrics_file import METRICS
 from selfattn.models.gpt import GPT
 from selfattn.train import checkpoint
 from selfattn.train.config import TrainConfig
@@ -63,7 +64,6 @@ from selfattn.train.plot import have_matplotlib, plot_losses, plot_scores
 from selfattn.train.progress import Reporter, Silent
 from selfattn.train.schedule import learning_rate
 
-METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 LOSS_PNG = "loss.png"
 SCORES_PNG = "scores.png"  # the evaluation hooks' metrics, when there are any
