@@ -13,8 +13,8 @@ METRICS = "metrics.jsonl"
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The file's records, in order: JSON objects with an integer "iter". None when the file is
-    missing; a line cut short by a kill is skipped."""
+    """The file's records, in order: JSON objects with an integer "iter". An empty list when
+    the file is missing; a line cut short by a kill is skipped."""
     if not path.is_file():
         return []
     records = []
