@@ -373,6 +373,7 @@ def whole_commands(args) -> int:
     walls: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, list[float]] = {name: [] for name in names}
     steps: dict[str, list[tuple[float, float]]] = {name: [] for name in names if "selfattn" in name}
+    nanogpt_steps: list[float] = []  # each nanoGPT-style run's median iteration, from its log
     load_before = machine.load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -404,8 +405,9 @@ def whole_commands(args) -> int:
                     steps[name].append(step_times(records))
                 else:
                     losses[name].append(float(done.stdout.split()[-1]))
+                    nanogpt_steps.append(nanogpt_step_time(done.stdout))
                 print(f"round {r + 1} {name}: {walls[name][-1]:.1f} s", file=sys.stderr)
-    text = whole_report(args, iters, walls, losses, steps, load_before)
+    text = whole_report(args, iters, walls, losses, steps, nanogpt_steps, load_before)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -422,9 +424,25 @@ def step_times(records: list[dict]) -> tuple[float, float]:
     return records[0]["elapsed_s"], statistics.median(plain)
 
 
-def whole_report(args, iters, walls, losses, steps, load_before) -> str:
+def nanogpt_step_time(stdout: str) -> float:
+    """The median seconds of the nanoGPT-style script's iterations that run no evaluation, from
+    its log lines ``iter N: loss X, time Yms`` (an evaluation runs at the start of iteration N
+    when N is a multiple of the interval; its time counts in that iteration's line)."""
+    from nanogpt_style import EVAL_INTERVAL  # beside this file
+
+    times = []
+    for line in stdout.splitlines():
+        if line.startswith("iter "):
+            it, _, rest = line[len("iter ") :].partition(":")
+            if int(it) % EVAL_INTERVAL:
+                times.append(float(rest.rpartition("time ")[2].removesuffix("ms")) / 1e3)
+    return statistics.median(times)
+
+
+def whole_report(args, iters, walls, losses, steps, nanogpt_steps, load_before) -> str:
     med = {name: statistics.median(w) for name, w in walls.items()}
     ratio = med["selfattn"] / med["nanogpt-style"]
+    per_iter = statistics.median(s[1] for s in steps["selfattn"])
     lines = [
         "whole commands: selfattn train --preset shakespeare-char vs a nanoGPT-style train.py",
         f"machine: {machine.summary()}",
@@ -446,11 +464,20 @@ def whole_report(args, iters, walls, losses, steps, load_before) -> str:
         + ", ".join(
             f"{a / b:.3f}" for a, b in zip(walls["selfattn"], walls["nanogpt-style"], strict=True)
         ),
-        "the machine's drift, each run's median iteration (ms, its metrics.jsonl): "
+        "the machine's drift, each run's median iteration (ms; selfattn's metrics.jsonl, "
+        "nanoGPT-style's log): "
         + "; ".join(
             f"{name} " + ", ".join(f"{s[1] * 1e3:.1f}" for s in runs)
             for name, runs in steps.items()
-        ),
+        )
+        + "; nanogpt-style "
+        + ", ".join(f"{s * 1e3:.1f}" for s in nanogpt_steps),
+        f"per iteration (the median of those): selfattn {per_iter * 1e3:.1f} ms, nanoGPT-style "
+        f"{statistics.median(nanogpt_steps) * 1e3:.1f} ms: "
+        f"{per_iter / statistics.median(nanogpt_steps):.3f}x; the rest of the wall time "
+        "(start-up, evaluations, samples, plots, checkpoints, exit): "
+        f"selfattn {med['selfattn'] - iters * per_iter:.1f} s, nanoGPT-style "
+        f"{med['nanogpt-style'] - iters * statistics.median(nanogpt_steps):.1f} s",
     ]
     if COLD in med:
         first = {name: statistics.median(s[0] for s in runs) for name, runs in steps.items()}
