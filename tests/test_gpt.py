@@ -131,19 +131,20 @@ def test_decoding_from_a_cache_with_a_long_prefix_equals_one_forward_in_float64(
 
 
 def test_stream_decodes_from_the_cache_then_refeeds_once_the_context_slides(monkeypatch):
-    """What each step feeds (cached tokens, new tokens), and that its last logits are those of a
-    forward without the cache over the same context, in float64."""
+    """What each step feeds (cached tokens, new tokens), and that its last position's logits
+    (the head sees that position alone) are those of a forward without the cache over the same
+    context, in float64."""
     model = small(drop_rate=0.0).double().eval()  # context_length 16
     fed, seen = [], []
-    forward = model.forward
+    hidden = model._hidden
 
     def spy(idx, use_cache=False):
         fed.append((model.cache_len, idx.shape[1], use_cache))
-        logits = forward(idx, use_cache=use_cache)
-        seen.append(logits[:, -1])  # (B, V)
-        return logits
+        h = hidden(idx, use_cache=use_cache)  # (B, T, E)
+        seen.append(model.out_head(h[:, -1]))  # (B, V)
+        return h
 
-    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(model, "_hidden", spy)
     idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(5))
     out = model.generate(idx, 9, temperature=0.0)  # 19 tokens: two steps past the context
     # the prompt, six tokens from the cache, then (slid) the last 16 without it
@@ -153,6 +154,17 @@ def test_stream_decodes_from_the_cache_then_refeeds_once_the_context_slides(monk
         for step, logits in enumerate(seen):
             context = out[:, : 10 + step][:, -16:]
             assert_close(logits, model(context)[:, -1], torch.float64)
+
+
+def test_decoding_puts_only_the_last_position_through_the_head():
+    """The head is a (V, E) matmul per position: the prompt's and a slid window's other
+    positions are never multiplied by it (as in nanoGPT's generate)."""
+    model = small(drop_rate=0.0).eval()  # context_length 16
+    shapes = []
+    model.out_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    model.generate(idx, 9, temperature=0.0)  # the prompt, 6 cached steps, 2 slid windows
+    assert shapes == [(2, model.config.emb_dim)] * 9
 
 
 def test_a_stream_begun_under_inference_mode_goes_on_outside_it():

@@ -248,6 +248,12 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, use_cache: bool = False) -> Tensor:
         """idx (B, T) int64 -> logits (B, T, V). With use_cache, positions follow the cache."""
+        return self.out_head(self._hidden(idx, use_cache))  # (B, T, E) -> (B, T, V)
+
+    def _hidden(self, idx: Tensor, use_cache: bool) -> Tensor:
+        """idx (B, T) -> the final norm's output (B, T, E): `forward` without the head, so that
+        decoding can take the logits of the last position alone (the head is a (V, E) matmul
+        per position: 40% of GPT-2 124M's forward over a 512-token prompt)."""
         if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx)
             raise TypeError(f"idx must be an int64 tensor (B, T), got {got}")
@@ -266,8 +272,7 @@ class GPT(nn.Module):
         x = self.drop_emb(x)
         for block in self.trf_blocks:
             x = block(x, use_cache=use_cache)  # (B, T, E)
-        x = self.final_norm(x)
-        return self.out_head(x)  # (B, T, E) -> (B, T, V)
+        return self.final_norm(x)  # (B, T, E)
 
     def _shard_positions(self, local: int) -> Tensor:
         """The global positions of this rank's ``local`` tokens, (local,) int64: zigzag chunks
@@ -302,7 +307,8 @@ class GPT(nn.Module):
         and then one token per step; once the sequence outgrows ``context_length``, the window
         slides and every position changes, so each further step re-feeds the last
         ``context_length`` tokens without the cache (a sliding recompute): the tokens are
-        the same as without the cache, only slower past the context.
+        the same as without the cache, only slower past the context. Only the last position
+        goes through the output head, as nanoGPT's ``generate`` does.
 
         temperature: 0 picks the most likely token (greedy); otherwise logits / temperature
             are sampled from. top_k: sample among the k most likely tokens only.
@@ -332,12 +338,13 @@ class GPT(nn.Module):
                     # without the cache, or a window that has slid (every position changed, so
                     # nothing cached holds): the last n tokens, afresh
                     self.reset_cache()
-                    logits = self(idx[:, -n:])
+                    h = self._hidden(idx[:, -n:], use_cache=False)
                 elif self.cache_len > 0:  # cache the latest token only
-                    logits = self(idx[:, -1:], use_cache=True)
+                    h = self._hidden(idx[:, -1:], use_cache=True)
                 else:  # the prompt
-                    logits = self(idx, use_cache=True)
-                next_id = _pick(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+                    h = self._hidden(idx, use_cache=True)
+                logits = self.out_head(h[:, -1, :])  # (B, V): the last position's alone
+                next_id = _pick(logits, temperature, top_k, generator)  # (B, 1)
                 idx = torch.cat((idx, next_id), dim=1)
                 yield next_id
         finally:
