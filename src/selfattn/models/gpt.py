@@ -253,7 +253,7 @@ class GPT(nn.Module):
     def _hidden(self, idx: Tensor, use_cache: bool) -> Tensor:
         """idx (B, T) -> the final norm's output (B, T, E): `forward` without the head, so that
         decoding can take the logits of the last position alone (the head is a (V, E) matmul
-        per position: 40% of GPT-2 124M's forward over a 512-token prompt)."""
+        per position: a third of GPT-2 124M's forward over a 512-token prompt)."""
         if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx)
             raise TypeError(f"idx must be an int64 tensor (B, T), got {got}")
