@@ -12,7 +12,10 @@ checkpoints: everything a user waits for) and ``benchmarks/nanogpt_style.py``, n
 ``train.py`` on its CPU recipe for the same model (its data prepared before the clock starts,
 as nanoGPT's ``prepare.py`` runs apart), and ``selfattn train ... --sample-tokens 0`` (what the
 sample written at each evaluation costs). Target: selfattn's wall time <= 0.9x nanoGPT-style's,
-at an equal or lower final validation loss (each over its own 20 evaluation batches).
+at an equal or lower final validation loss (each over its own 20 evaluation batches). The
+report also gives each run's median iteration (selfattn's from its metrics.jsonl, nanoGPT-style's
+from its log lines), to show the machine's drift, and splits each contender's median wall time
+into its iterations and the rest (start-up, evaluations, samples, plots, checkpoints, exit).
 ``--whole --compile`` adds ``selfattn train ... --compile`` twice per round: with inductor's
 compiled-code cache empty (cold: the first compiled run on a machine) and then kept (warm), and
 reads from each run's metrics.jsonl how long its first iteration took (the compilation) and its
