@@ -446,6 +446,7 @@ def whole_report(args, iters, walls, losses, steps, nanogpt_steps, load_before) 
     med = {name: statistics.median(w) for name, w in walls.items()}
     ratio = med["selfattn"] / med["nanogpt-style"]
     per_iter = statistics.median(s[1] for s in steps["selfattn"])
+    nanogpt_iter = statistics.median(nanogpt_steps)
     lines = [
         "whole commands: selfattn train --preset shakespeare-char vs a nanoGPT-style train.py",
         f"machine: {machine.summary()}",
@@ -476,11 +477,10 @@ def whole_report(args, iters, walls, losses, steps, nanogpt_steps, load_before) 
         + "; nanogpt-style "
         + ", ".join(f"{s * 1e3:.1f}" for s in nanogpt_steps),
         f"per iteration (the median of those): selfattn {per_iter * 1e3:.1f} ms, nanoGPT-style "
-        f"{statistics.median(nanogpt_steps) * 1e3:.1f} ms: "
-        f"{per_iter / statistics.median(nanogpt_steps):.3f}x; the rest of the wall time "
+        f"{nanogpt_iter * 1e3:.1f} ms: {per_iter / nanogpt_iter:.3f}x; the rest of the wall time "
         "(start-up, evaluations, samples, plots, checkpoints, exit): "
         f"selfattn {med['selfattn'] - iters * per_iter:.1f} s, nanoGPT-style "
-        f"{med['nanogpt-style'] - iters * statistics.median(nanogpt_steps):.1f} s",
+        f"{med['nanogpt-style'] - iters * nanogpt_iter:.1f} s",
     ]
     if COLD in med:
         first = {name: statistics.median(s[0] for s in runs) for name, runs in steps.items()}

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_scripts import load_benchmark
 
 from selfattn.bench import (
     BenchConfig,
@@ -451,22 +452,9 @@ def test_bench_modules_import_one_way():
 # ------------------------------------------------------------------------ benchmarks/engines.py
 
 
-def _engines_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engines.py"
-    spec = importlib.util.spec_from_file_location("engines_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_engines_script_runs_tiny(tmp_path):
-    engines = _engines_script()
+    engines = load_benchmark("engines")
     out = tmp_path / "engines.txt"
     assert engines.main(["--scale", "64", "--repeats", "1", "--quick", "--out", str(out)]) == 0
     text = out.read_text()
@@ -475,7 +463,7 @@ def test_engines_script_runs_tiny(tmp_path):
 
 
 def test_engines_script_exits_1_when_a_target_is_missed(monkeypatch):
-    engines = _engines_script()
+    engines = load_benchmark("engines")
     missed = [engines.Row("1. fwd", "tiled", 1.0, target=">= 0.8x", ok=False)]
     monkeypatch.setattr(engines, "bench_forward", lambda repeats, size: missed)
     assert engines.main(["--cases", "1"]) == 1

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import BENCHMARKS, load_benchmark
 from tolerances import SAME_MODEL_F32
 
 from selfattn.cli import main
@@ -634,7 +635,7 @@ def test_bpe_on_a_text_file_saves_its_tokenizer_and_generates(tmp_path, capsys):
 
 def test_the_training_benchmark_runs_in_quick_mode(tmp_path, capsys):
     """benchmarks/train.py --quick: both contenders train, agree on the first batch, report."""
-    bench = _load_benchmark("train")
+    bench = load_benchmark("train")
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "train.txt"
@@ -652,23 +653,11 @@ def test_the_training_benchmark_runs_in_quick_mode(tmp_path, capsys):
     assert all(float(r[1]) > 0 and 0 < float(r[5]) < 5 for r in rows)  # ms/iter, val loss
 
 
-def _load_benchmark(name: str):
-    """A script of benchmarks/ as a module."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_whole_command_report_reads_the_nanogpt_style_iterations(monkeypatch):
     """benchmarks/train.py --whole: the median of the nanoGPT-style log's iteration times,
     leaving out each iteration that began with an evaluation (0, 250, ...)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    bench = _load_benchmark("train")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = load_benchmark("train")
     times = {0: 900.0, 1: 40.0, 2: 41.0, 250: 900.0, 251: 42.0, 252: 43.0, 500: 900.0}  # ms
     lines = [f"iter {i}: loss 3.0000, time {ms:.2f}ms" for i, ms in times.items()]
     log = "\n".join(["step 0: train loss 4.2, val loss 4.2", *lines, "final val loss 2.5000"])
@@ -677,7 +666,7 @@ def test_the_whole_command_report_reads_the_nanogpt_style_iterations(monkeypatch
 
 def test_the_generate_benchmark_runs_in_quick_mode(tmp_path, capsys):
     """benchmarks/generate.py --quick: generate and a forward pick the same token; a report."""
-    bench = _load_benchmark("generate")
+    bench = load_benchmark("generate")
     out = tmp_path / "generate.txt"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     capsys.readouterr()
